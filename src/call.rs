@@ -1,0 +1,388 @@
+//! Calls and their operation context: registration, completion, and the
+//! `cancelled()` future.
+
+use core::fmt;
+use core::future::Future;
+use core::ops::Deref;
+use core::pin::Pin;
+use core::ptr::NonNull;
+use core::task::{Context, Poll};
+
+use crate::channel::{ChannelShared, OverflowWaiter};
+use crate::registry::Claimed;
+use crate::slot::{CallSlot, Registration};
+use crate::state::{BeginRegister, Completion, Published, OVERFLOW, WAITER};
+use crate::sync::{lock, Arc, Ordering};
+use crate::{CancelReason, RegisterError, RegisterErrorKind};
+
+/// The context of a running call (WWSAPI `WS_OPERATION_CONTEXT`): register a
+/// cancel callback, ask whether the call was cancelled, or await it.
+///
+/// Reached through a [`Call`] (`Deref`). It is `Sync`: other threads may
+/// register, poll or cancel while the call runs.
+pub struct OperationContext {
+    channel: Arc<ChannelShared>,
+    slot: NonNull<CallSlot>,
+    index: usize,
+    generation: usize,
+}
+
+// SAFETY: `slot` points into the slab of `channel`, which this context keeps
+// alive; every access through it goes through the slot's atomics or through
+// the cell under the state-word protocol (`slot.rs`), which is thread-safe.
+unsafe impl Send for OperationContext {}
+// SAFETY: as above; `&OperationContext` only offers atomic operations and
+// registrations that the `REGISTERING` bit makes exclusive.
+unsafe impl Sync for OperationContext {}
+
+impl OperationContext {
+    fn slot(&self) -> &CallSlot {
+        // SAFETY: the slot lives in `self.channel`'s slab, which is kept
+        // alive by `self.channel` and never frees a segment before it drops.
+        unsafe { self.slot.as_ref() }
+    }
+
+    /// Registers the call's one cancel callback, with `state`; the state is
+    /// dropped when the call completes (WWSAPI `WsRegisterOperationForCancel`
+    /// without a free-state callback). See
+    /// [`register_for_cancel_with_free`](Self::register_for_cancel_with_free).
+    pub fn register_for_cancel<S, C>(&self, state: S, on_cancel: C) -> Result<(), RegisterError<S>>
+    where
+        S: Send + 'static,
+        C: FnOnce(CancelReason, &S) + Send + 'static,
+    {
+        self.register_for_cancel_with_free(state, on_cancel, drop::<S>)
+    }
+
+    /// Registers the call's one cancel callback, with `state` and a
+    /// free-state hook (WWSAPI `WsRegisterOperationForCancel`).
+    ///
+    /// * `on_cancel(reason, &state)` runs **at most once** (R1): when the
+    ///   host aborts or the call's channel faults while the call is in
+    ///   flight. If cancellation was already decided, it runs *here*, on this
+    ///   thread, before this returns `Ok` (R4).
+    /// * `on_free(state)` runs **exactly once** (R2), after `on_cancel` has
+    ///   returned if it ran (R3): at completion, or — if the call completed
+    ///   while `on_cancel` was still running — on the canceller's thread when
+    ///   `on_cancel` returns. Completion never blocks on a running callback.
+    /// * Only the first registration of a call succeeds. A refused one gives
+    ///   the state back in the [`RegisterError`] and runs neither closure.
+    ///
+    /// Callbacks run on arbitrary threads and should be quick: they run
+    /// inside the aborting/faulting thread's sweep. They may call `abort`,
+    /// `fault`, or anything else of this crate (A3).
+    ///
+    /// # Panics
+    ///
+    /// If `on_cancel` runs inline here and panics, the panic propagates out of
+    /// this call; the registration stays recorded and `on_free` still runs
+    /// once at completion.
+    ///
+    /// ```
+    /// use callcancel::{CancelReason, ServiceHost};
+    /// use std::sync::atomic::{AtomicBool, Ordering};
+    /// use std::sync::Arc;
+    ///
+    /// let host = ServiceHost::new();
+    /// let call = host.begin_call().unwrap();
+    /// host.abort(); // cancellation decided before registration...
+    /// let ran = Arc::new(AtomicBool::new(false));
+    /// let r = Arc::clone(&ran);
+    /// call.register_for_cancel_with_free(
+    ///     42u64,
+    ///     move |reason, state| {
+    ///         assert_eq!((reason, *state), (CancelReason::HostAbort, 42));
+    ///         r.store(true, Ordering::SeqCst);
+    ///     },
+    ///     |state| assert_eq!(state, 42), // ...freed at completion
+    /// )
+    /// .unwrap();
+    /// assert!(ran.load(Ordering::SeqCst)); // ...so the callback ran inside
+    /// call.complete();
+    /// ```
+    pub fn register_for_cancel_with_free<S, C, F>(
+        &self,
+        state: S,
+        on_cancel: C,
+        on_free: F,
+    ) -> Result<(), RegisterError<S>>
+    where
+        S: Send + 'static,
+        C: FnOnce(CancelReason, &S) + Send + 'static,
+        F: FnOnce(S) + Send + 'static,
+    {
+        let slot = self.slot();
+        match slot.state.begin_register() {
+            BeginRegister::AlreadyRegistered => {
+                return Err(RegisterError::new(
+                    RegisterErrorKind::AlreadyRegistered,
+                    state,
+                ));
+            }
+            BeginRegister::Proceed => {}
+        }
+        let reg = Box::new(Registration {
+            state,
+            on_cancel: Some(on_cancel),
+            on_free,
+        });
+        // SAFETY: `begin_register` returned `Proceed` and we have not
+        // published yet.
+        unsafe { slot.store_registration(reg) };
+        match slot.state.publish_registration() {
+            Published::Armed => Ok(()),
+            Published::RunInline(reason) => {
+                // SAFETY: `RunInline`: no canceller claimed this callback, and
+                // the owner cannot complete while we borrow the context.
+                if let Some(panic) = unsafe { slot.run_callback(reason) } {
+                    std::panic::resume_unwind(panic);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether the call was cancelled. One `Acquire` load (P4).
+    pub fn is_cancelled(&self) -> bool {
+        self.slot().state.load(Ordering::Acquire).is_cancelled()
+    }
+
+    /// The reason the call was cancelled, if it was (the first one, R5).
+    pub fn cancel_reason(&self) -> Option<CancelReason> {
+        self.slot().state.load(Ordering::Acquire).reason()
+    }
+
+    /// Resolves with the cancel reason once the call is cancelled.
+    ///
+    /// Built on `atomic-waker`, registering and then re-checking so no
+    /// wake-up is lost. The first future of a call waits in the call's slot;
+    /// further futures on the same call wait in a per-channel list: every one
+    /// is woken.
+    ///
+    /// ```
+    /// use callcancel::{CancelReason, ServiceHost};
+    /// use std::future::Future;
+    /// use std::pin::pin;
+    /// use std::task::{Context, Poll, Waker};
+    ///
+    /// let host = ServiceHost::new();
+    /// let call = host.begin_call().unwrap();
+    /// let mut fut = pin!(call.cancelled());
+    /// let mut cx = Context::from_waker(Waker::noop());
+    /// assert!(fut.as_mut().poll(&mut cx).is_pending());
+    /// host.abort();
+    /// assert_eq!(fut.poll(&mut cx), Poll::Ready(CancelReason::HostAbort));
+    /// ```
+    pub fn cancelled(&self) -> Cancelled<'_> {
+        Cancelled {
+            ctx: self,
+            waiter: Waiter::None,
+        }
+    }
+
+    /// Completes the call: the owner's side of the free protocol.
+    fn finish(&self) {
+        let slot = self.slot();
+        match slot.state.complete() {
+            Completion::Released => {
+                self.channel.slab.note_released(self.index);
+                self.channel.host.notify_released();
+            }
+            Completion::CancellerFrees => {}
+            Completion::OwnerFrees { registered } => {
+                // A parked primary waker would otherwise live on in the slot.
+                drop(slot.waker.take());
+                let panic = if registered {
+                    // SAFETY: `complete` returned `OwnerFrees`: we are the
+                    // freer of this generation.
+                    unsafe { slot.free_registration() }
+                } else {
+                    None
+                };
+                self.channel.release(slot, Some(self.index));
+                if let Some(panic) = panic {
+                    if !std::thread::panicking() {
+                        std::panic::resume_unwind(panic);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl fmt::Debug for OperationContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OperationContext")
+            .field("generation", &self.generation)
+            .field("cancel_reason", &self.cancel_reason())
+            .finish()
+    }
+}
+
+/// A call in flight: a service operation or a host callback running with an
+/// operation context. Completing (or dropping) it ends the call.
+///
+/// `Send` (a call may move between threads), not `Clone`; derefs to its
+/// [`OperationContext`].
+pub struct Call {
+    ctx: OperationContext,
+}
+
+impl Call {
+    pub(crate) fn new(channel: Arc<ChannelShared>, claimed: Claimed) -> Self {
+        Self {
+            ctx: OperationContext {
+                channel,
+                slot: claimed.slot,
+                index: claimed.index,
+                generation: claimed.generation,
+            },
+        }
+    }
+
+    /// Completes the call (the same as dropping it).
+    ///
+    /// Runs the free-state of a registration (R2) unless a cancel callback of
+    /// this call is still running on another thread: then that thread frees
+    /// when the callback returns, and `complete` returns at once (R3). After
+    /// this, no abort or fault runs anything for this call (R6).
+    ///
+    /// # Panics
+    ///
+    /// If the free-state panics, the call is still released (it no longer
+    /// counts as in flight) and the panic propagates from here; when the call
+    /// is dropped during unwinding, that panic is swallowed instead.
+    pub fn complete(self) {
+        drop(self);
+    }
+
+    /// The call's operation context.
+    pub fn context(&self) -> &OperationContext {
+        &self.ctx
+    }
+}
+
+impl Deref for Call {
+    type Target = OperationContext;
+
+    fn deref(&self) -> &OperationContext {
+        &self.ctx
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        self.ctx.finish();
+    }
+}
+
+impl fmt::Debug for Call {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Call").field(&self.ctx).finish()
+    }
+}
+
+enum Waiter {
+    None,
+    /// Owns the slot's `AtomicWaker` (the `WAITER` bit).
+    Primary,
+    /// Parked in the channel's overflow list under this id.
+    Overflow(u64),
+}
+
+/// The future of [`OperationContext::cancelled`].
+#[must_use = "futures do nothing unless polled"]
+pub struct Cancelled<'a> {
+    ctx: &'a OperationContext,
+    waiter: Waiter,
+}
+
+impl Cancelled<'_> {
+    fn park_overflow(&mut self, cx: &mut Context<'_>) {
+        let channel = &self.ctx.channel;
+        let target: *const CallSlot = self.ctx.slot();
+        let mut overflow = lock(&channel.overflow);
+        match self.waiter {
+            Waiter::Overflow(id) => {
+                if let Some(w) = overflow.waiters.iter_mut().find(|w| w.id == id) {
+                    w.waker.clone_from(cx.waker());
+                    return;
+                }
+                // Woken and removed by a canceller: park again.
+                overflow.waiters.push(OverflowWaiter {
+                    slot: target,
+                    id,
+                    waker: cx.waker().clone(),
+                });
+            }
+            _ => {
+                overflow.next_id += 1;
+                let id = overflow.next_id;
+                overflow.waiters.push(OverflowWaiter {
+                    slot: target,
+                    id,
+                    waker: cx.waker().clone(),
+                });
+                self.waiter = Waiter::Overflow(id);
+            }
+        }
+    }
+}
+
+impl Future for Cancelled<'_> {
+    type Output = CancelReason;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<CancelReason> {
+        let this = &mut *self;
+        let slot = this.ctx.slot();
+        if let Some(reason) = slot.state.load(Ordering::Acquire).reason() {
+            return Poll::Ready(reason);
+        }
+        if let Waiter::None = this.waiter {
+            // Become the primary waiter if nobody is.
+            let prev = slot.state.announce_waiter(WAITER);
+            if let Some(reason) = prev.reason() {
+                return Poll::Ready(reason);
+            }
+            if !prev.has(WAITER) {
+                this.waiter = Waiter::Primary;
+            }
+        }
+        match this.waiter {
+            Waiter::Primary => {
+                slot.waker.register(cx.waker());
+                // Re-check after registering: a cancel that woke an empty
+                // waker happened-before this load (atomic-waker's contract).
+                if let Some(reason) = slot.state.load(Ordering::Acquire).reason() {
+                    return Poll::Ready(reason);
+                }
+            }
+            _ => {
+                // Park first, then announce: a canceller that sees OVERFLOW
+                // finds our waker in the list.
+                this.park_overflow(cx);
+                let prev = slot.state.announce_waiter(OVERFLOW);
+                if let Some(reason) = prev.reason() {
+                    return Poll::Ready(reason);
+                }
+            }
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for Cancelled<'_> {
+    fn drop(&mut self) {
+        if let Waiter::Overflow(id) = self.waiter {
+            lock(&self.ctx.channel.overflow)
+                .waiters
+                .retain(|w| w.id != id);
+        }
+    }
+}
+
+impl fmt::Debug for Cancelled<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cancelled").finish_non_exhaustive()
+    }
+}

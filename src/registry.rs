@@ -1,0 +1,375 @@
+//! The registries that let a canceller find every in-flight call.
+//!
+//! # Per-channel slab ([`Slab`])
+//!
+//! Each channel (and each host-scope shard) owns a slab of [`CallSlot`]s in
+//! segments of doubling size: segment `k` holds `BASE << k` slots. Segments
+//! are allocated on demand, published with a CAS on a fixed array of
+//! pointers, and freed only when the slab is dropped, so a slot's address is
+//! stable for the life of its channel. `begin_call` takes a free slot with
+//! one CAS on the slot's own state word (no shared bitmap, no shared counter):
+//! a channel-local `hint` remembers the last released index so the steady
+//! state reuses one hot slot and writes nothing shared. A sweep (fault or
+//! abort) walks every slot of every published segment: linear in capacity,
+//! which is at most twice the channel's peak concurrency.
+//!
+//! # Host channel table ([`ChannelTable`])
+//!
+//! The host reaches its channels through an `ArcSwap` snapshot of a list of
+//! fixed-size chunks; each chunk entry is an atomic pointer holding a
+//! `Weak<ChannelShared>` turned raw. Opening a channel CASes an empty entry;
+//! only appending a chunk (every `CHUNK` channels) replaces the snapshot.
+//! Dropping a channel (its last handle and last call gone) clears its entry
+//! and hands the table's weak reference to **crossbeam-epoch** (`defer`):
+//! a sweeper that loaded the raw pointer inside a pinned epoch may still
+//! `upgrade` it, because the weak count it relies on is released only after
+//! every such pin has ended.
+//!
+//! A sweeper therefore does `pin → load entry → upgrade → unpin` and only
+//! then sweeps the channel while holding a strong `Arc`. No pin is ever held
+//! while user code runs: a cancel callback that blocks for an hour stalls
+//! neither epoch reclamation nor other sweeps. Callback storage itself lives
+//! in the slot, whose memory is kept alive by that `Arc`; which thread may
+//! touch it is decided by the state word (`state.rs`).
+
+use core::mem::ManuallyDrop;
+use core::ptr::{self, NonNull};
+
+use crate::channel::ChannelShared;
+use crate::slot::CallSlot;
+use crate::sync::{epoch, Arc, ArcSwap, AtomicPtr, AtomicUsize, Ordering, Weak};
+
+/// Slots in a slab's first segment.
+#[cfg(not(loom))]
+const BASE: usize = 8;
+#[cfg(loom)]
+const BASE: usize = 2;
+/// Segments per slab: capacity `BASE * (2^SEGMENTS - 1)`.
+const SEGMENTS: usize = 32;
+
+/// Segment index and offset of slot `index`.
+fn locate(index: usize) -> (usize, usize) {
+    let k = (usize::BITS - 1 - (index / BASE + 1).leading_zeros()) as usize;
+    (k, index - BASE * ((1 << k) - 1))
+}
+
+fn segment_len(k: usize) -> usize {
+    BASE << k
+}
+
+/// A slot taken by `begin_call`.
+pub(crate) struct Claimed {
+    pub(crate) slot: NonNull<CallSlot>,
+    pub(crate) index: usize,
+    pub(crate) generation: usize,
+}
+
+/// A channel's slab of call slots. See the module docs.
+pub(crate) struct Slab {
+    segments: [AtomicPtr<CallSlot>; SEGMENTS],
+    /// Index of the most recently released slot: the first one `claim` tries.
+    /// Written only when it changes, so the single-thread steady state never
+    /// writes it.
+    hint: AtomicUsize,
+}
+
+impl Slab {
+    pub(crate) fn new() -> Self {
+        Self {
+            segments: core::array::from_fn(|_| AtomicPtr::new(ptr::null_mut())),
+            hint: AtomicUsize::new(0),
+        }
+    }
+
+    /// The published segment `k`, if any.
+    fn segment(&self, k: usize) -> Option<&[CallSlot]> {
+        // Ordering: Acquire pairs with the Release CAS in `grow`, so the
+        // slots' initialisation is visible.
+        let p = self.segments[k].load(Ordering::Acquire);
+        if p.is_null() {
+            return None;
+        }
+        // SAFETY: `p` was published by `grow` from a boxed slice of exactly
+        // `segment_len(k)` initialised slots and is freed only in `Drop`,
+        // which needs `&mut self`.
+        Some(unsafe { core::slice::from_raw_parts(p, segment_len(k)) })
+    }
+
+    /// Segment `k`, allocating and publishing it if needed.
+    fn grow(&self, k: usize) -> &[CallSlot] {
+        if let Some(seg) = self.segment(k) {
+            return seg;
+        }
+        let fresh: Box<[CallSlot]> = (0..segment_len(k)).map(|_| CallSlot::new()).collect();
+        let fresh = Box::into_raw(fresh).cast::<CallSlot>();
+        // Ordering: Release publishes the initialised slots (see `segment`).
+        if let Err(_winner) = self.segments[k].compare_exchange(
+            ptr::null_mut(),
+            fresh,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            // SAFETY: `fresh` came from `Box::into_raw` just above and was
+            // never published.
+            drop(unsafe { Box::from_raw(ptr::slice_from_raw_parts_mut(fresh, segment_len(k))) });
+        }
+        self.segment(k).expect("segment was just published")
+    }
+
+    fn slot(&self, index: usize) -> Option<&CallSlot> {
+        let (k, off) = locate(index);
+        self.segment(k).map(|seg| &seg[off])
+    }
+
+    /// Takes a free slot (the `OCCUPIED` CAS is `SeqCst`: see `state.rs`).
+    pub(crate) fn claim(&self) -> Claimed {
+        let hint = self.hint.load(Ordering::Relaxed);
+        if let Some(slot) = self.slot(hint) {
+            if let Some(snap) = slot.state.try_occupy() {
+                return Claimed {
+                    slot: NonNull::from(slot),
+                    index: hint,
+                    generation: snap.generation(),
+                };
+            }
+        }
+        let mut base = 0;
+        for k in 0..SEGMENTS {
+            let seg = self.grow(k);
+            for (off, slot) in seg.iter().enumerate() {
+                if let Some(snap) = slot.state.try_occupy() {
+                    let index = base + off;
+                    // Point the next claim past us: the slot we took is busy.
+                    self.hint.store(index + 1, Ordering::Relaxed);
+                    return Claimed {
+                        slot: NonNull::from(slot),
+                        index,
+                        generation: snap.generation(),
+                    };
+                }
+            }
+            base += seg.len();
+        }
+        panic!("callcancel: more than {base} calls in flight on one channel");
+    }
+
+    /// Remembers a released slot for the next `claim`.
+    pub(crate) fn note_released(&self, index: usize) {
+        if self.hint.load(Ordering::Relaxed) != index {
+            self.hint.store(index, Ordering::Relaxed);
+        }
+    }
+
+    /// Every slot of every published segment.
+    pub(crate) fn for_each_slot(&self, mut f: impl FnMut(&CallSlot)) {
+        for k in 0..SEGMENTS {
+            match self.segment(k) {
+                Some(seg) => seg.iter().for_each(&mut f),
+                None => break,
+            }
+        }
+    }
+
+    /// Occupied slots (calls in flight, including those whose cancel
+    /// callback or free-state is still running).
+    pub(crate) fn in_flight(&self) -> usize {
+        let mut n = 0;
+        // Ordering: SeqCst, the waiter side of the idle Dekker pair
+        // (`release` is SeqCst; see host.rs).
+        self.for_each_slot(|slot| {
+            n += usize::from(slot.state.load(Ordering::SeqCst).is_occupied())
+        });
+        n
+    }
+}
+
+impl Drop for Slab {
+    fn drop(&mut self) {
+        for (k, seg) in self.segments.iter().enumerate() {
+            let p = seg.swap(ptr::null_mut(), Ordering::Acquire);
+            if !p.is_null() {
+                // SAFETY: published by `grow` from a boxed slice of
+                // `segment_len(k)` slots; `&mut self` means no other user.
+                drop(unsafe { Box::from_raw(ptr::slice_from_raw_parts_mut(p, segment_len(k))) });
+            }
+        }
+    }
+}
+
+/// Entries per table chunk.
+#[cfg(not(loom))]
+const CHUNK: usize = 64;
+#[cfg(loom)]
+const CHUNK: usize = 2;
+
+/// A fixed block of channel-table entries. Each entry is null, [`reserved`],
+/// or a `Weak<ChannelShared>` made raw by `Weak::into_raw`.
+pub(crate) struct TableChunk {
+    entries: [AtomicPtr<ChannelShared>; CHUNK],
+}
+
+/// Marks an entry taken by an `open_channel` that has not stored its channel
+/// yet. Never dereferenced.
+fn reserved() -> *mut ChannelShared {
+    NonNull::<ChannelShared>::dangling().as_ptr()
+}
+
+impl TableChunk {
+    fn new() -> Self {
+        Self {
+            entries: core::array::from_fn(|_| AtomicPtr::new(ptr::null_mut())),
+        }
+    }
+}
+
+/// Where a channel sits in the host's table; dropping the channel clears it.
+pub(crate) struct TableEntry {
+    chunk: Arc<TableChunk>,
+    index: usize,
+}
+
+impl TableEntry {
+    /// Stores the channel's weak reference in its reserved entry.
+    pub(crate) fn publish(&self, channel: &Arc<ChannelShared>) {
+        let raw = Weak::into_raw(Arc::downgrade(channel)).cast_mut();
+        // Ordering: Release, so a sweeper's Acquire load sees an initialised
+        // pointer; the entry was reserved by this opener alone.
+        let prev = self.chunk.entries[self.index].swap(raw, Ordering::AcqRel);
+        debug_assert_eq!(prev, reserved());
+    }
+
+    /// Clears the entry and retires the table's weak reference through the
+    /// epoch (see the module docs). Called from `ChannelShared::drop`.
+    pub(crate) fn retire(&self) {
+        let raw = self.chunk.entries[self.index].swap(ptr::null_mut(), Ordering::AcqRel);
+        if raw.is_null() || raw == reserved() {
+            return;
+        }
+        // SAFETY: `raw` came from `Weak::into_raw` in `publish`, and the swap
+        // above removed it from the table, so this is its only owner.
+        let weak = unsafe { Weak::from_raw(raw) };
+        let guard = epoch::pin();
+        // Sweepers that loaded `raw` before the swap are pinned; the weak
+        // count (which keeps the allocation alive for their `upgrade`) is
+        // dropped only once they have all unpinned.
+        guard.defer(move || drop(weak));
+    }
+}
+
+/// The host's table of channels. See the module docs.
+pub(crate) struct ChannelTable {
+    chunks: ArcSwap<Vec<Arc<TableChunk>>>,
+}
+
+impl ChannelTable {
+    pub(crate) fn new() -> Self {
+        Self {
+            chunks: ArcSwap::from_pointee(Vec::new()),
+        }
+    }
+
+    /// Reserves an entry for a new channel.
+    pub(crate) fn reserve(&self) -> TableEntry {
+        loop {
+            let chunks = self.chunks.load_full();
+            for chunk in chunks.iter() {
+                for (index, entry) in chunk.entries.iter().enumerate() {
+                    if entry.load(Ordering::Relaxed).is_null()
+                        && entry
+                            .compare_exchange(
+                                ptr::null_mut(),
+                                reserved(),
+                                Ordering::AcqRel,
+                                Ordering::Relaxed,
+                            )
+                            .is_ok()
+                    {
+                        return TableEntry {
+                            chunk: Arc::clone(chunk),
+                            index,
+                        };
+                    }
+                }
+            }
+            // Every entry is taken: append a chunk unless somebody did.
+            let seen = chunks.len();
+            self.chunks.rcu(|cur| {
+                let mut next = Vec::clone(cur);
+                if next.len() == seen {
+                    next.push(Arc::new(TableChunk::new()));
+                }
+                next
+            });
+        }
+    }
+
+    /// Calls `f` with every live channel, holding a strong reference and no
+    /// epoch pin while `f` runs.
+    pub(crate) fn for_each(&self, mut f: impl FnMut(&Arc<ChannelShared>)) {
+        let chunks = self.chunks.load_full();
+        for chunk in chunks.iter() {
+            for entry in chunk.entries.iter() {
+                let channel = {
+                    let _guard = epoch::pin();
+                    // Ordering: Acquire pairs with `publish`.
+                    let raw = entry.load(Ordering::Acquire);
+                    if raw.is_null() || raw == reserved() {
+                        continue;
+                    }
+                    // SAFETY: `raw` came from `Weak::into_raw` in `publish`.
+                    // The table's weak reference it stands for is released
+                    // only through `guard.defer` in `retire`, after this pin
+                    // ends, so the allocation is live; `ManuallyDrop` keeps us
+                    // from releasing a weak count we do not own.
+                    let weak = ManuallyDrop::new(unsafe { Weak::from_raw(raw) });
+                    weak.upgrade()
+                };
+                if let Some(channel) = channel {
+                    f(&channel);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locate_maps_indices_onto_doubling_segments() {
+        let mut expect = Vec::new();
+        for k in 0..4 {
+            for off in 0..segment_len(k) {
+                expect.push((k, off));
+            }
+        }
+        for (i, want) in expect.into_iter().enumerate() {
+            assert_eq!(locate(i), want, "index {i}");
+        }
+    }
+
+    #[test]
+    fn claim_reuses_the_released_slot_and_grows_when_full() {
+        let slab = Slab::new();
+        let a = slab.claim();
+        assert_eq!(a.index, 0);
+        let mut held = Vec::new();
+        for _ in 0..3 * BASE {
+            held.push(slab.claim());
+        }
+        assert_eq!(slab.in_flight(), 3 * BASE + 1);
+        let mut indices: Vec<_> = held.iter().map(|c| c.index).collect();
+        indices.push(a.index);
+        indices.sort_unstable();
+        indices.dedup();
+        assert_eq!(indices.len(), 3 * BASE + 1, "a slot was handed out twice");
+        // SAFETY: the slab is alive and the slot is ours.
+        let slot = unsafe { a.slot.as_ref() };
+        assert_eq!(slot.state.complete(), crate::state::Completion::Released);
+        slab.note_released(a.index);
+        let again = slab.claim();
+        assert_eq!(again.index, a.index);
+        assert_eq!(again.generation, a.generation + 1);
+    }
+}

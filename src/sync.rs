@@ -1,0 +1,85 @@
+//! The one synchronisation seam of the crate.
+//!
+//! Every other module imports its atomics, cells, locks and the epoch and
+//! snapshot primitives from here and never names `std::sync::atomic`,
+//! `loom`, `crossbeam_epoch`, `atomic_waker` or `arc_swap` directly. Building
+//! with `RUSTFLAGS="--cfg loom"` swaps the atomics, the `UnsafeCell` and the
+//! locks for loom's model-checked versions, so the same protocol code runs
+//! under the model checker unchanged (the pattern of tokio's `src/loom/` and
+//! crossbeam's `primitive` module).
+//!
+//! What loom sees and what it does not (today):
+//!
+//! * **Seen:** every atomic of the call state word, of the channel flags and
+//!   of the host state; the callback cell (`UnsafeCell`, so loom checks that
+//!   the registrar's write happens-before the canceller's read); the mutexes
+//!   and condition variable of the idle and overflow-waiter slow paths.
+//! * **Not seen (treated as linearizable black boxes):** `crossbeam_epoch`
+//!   (only used to defer releasing the host channel table's weak references),
+//!   `arc_swap` (the host channel-table snapshot) and `atomic_waker` (the
+//!   fast-path waker of `cancelled()`). Their own test suites (miri, TSan)
+//!   cover their internals; loom models of this crate check *our* protocol
+//!   assuming those primitives are correct. Loom-visible stand-ins are
+//!   tracked separately.
+//! * `Arc`/`Weak` stay std's: loom's `Arc` has no `Weak`.
+
+#[cfg(not(loom))]
+pub(crate) use std::sync::atomic::{AtomicPtr, AtomicU8, AtomicUsize, Ordering};
+#[cfg(not(loom))]
+pub(crate) use std::sync::{Condvar, Mutex, MutexGuard};
+
+#[cfg(loom)]
+pub(crate) use loom::sync::atomic::{AtomicPtr, AtomicU8, AtomicUsize, Ordering};
+#[cfg(loom)]
+pub(crate) use loom::sync::{Condvar, Mutex, MutexGuard};
+
+pub(crate) use std::sync::{Arc, Weak};
+
+/// Epoch-based reclamation (crossbeam-epoch), used by the host's channel
+/// table: see `registry.rs`.
+pub(crate) mod epoch {
+    pub(crate) use crossbeam_epoch::pin;
+}
+
+/// The single-waiter fast path of `OperationContext::cancelled()`.
+pub(crate) use atomic_waker::AtomicWaker;
+
+/// The host's channel-table snapshot.
+pub(crate) use arc_swap::ArcSwap;
+
+/// A cell with loom's closure-based API in both builds, so loom can check
+/// causality of every access to the callback storage.
+#[cfg(loom)]
+pub(crate) use loom::cell::UnsafeCell;
+
+/// A cell with loom's closure-based API in both builds, so loom can check
+/// causality of every access to the callback storage.
+#[cfg(not(loom))]
+#[derive(Debug)]
+#[repr(transparent)]
+pub(crate) struct UnsafeCell<T>(core::cell::UnsafeCell<T>);
+
+#[cfg(not(loom))]
+impl<T> UnsafeCell<T> {
+    #[inline(always)]
+    pub(crate) fn new(value: T) -> Self {
+        Self(core::cell::UnsafeCell::new(value))
+    }
+
+    /// Runs `f` with a mutable raw pointer to the contents; the caller must
+    /// hold the exclusive right to touch the cell (see `state.rs`).
+    #[inline(always)]
+    pub(crate) fn with_mut<R>(&self, f: impl FnOnce(*mut T) -> R) -> R {
+        f(self.0.get())
+    }
+}
+
+/// Locks a mutex, ignoring poisoning: every critical section in this crate
+/// leaves its data consistent before anything can panic (user code never
+/// runs under one of our locks).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
