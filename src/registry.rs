@@ -82,10 +82,14 @@ impl Slab {
     }
 
     /// The published segment `k`, if any.
-    fn segment(&self, k: usize) -> Option<&[CallSlot]> {
-        // Ordering: Acquire pairs with the Release CAS in `grow`, so the
-        // slots' initialisation is visible.
-        let p = self.segments[k].load(Ordering::Acquire);
+    ///
+    /// Ordering: at least Acquire, pairing with the publishing CAS in `grow`
+    /// so the slots' initialisation is visible. Sweeps pass `SeqCst`: the
+    /// publication is `SeqCst` and precedes the claimer's `SeqCst`
+    /// `try_occupy`, so a sweep that follows the abort/fault flag in the
+    /// `SeqCst` order sees every segment a surviving call lives in (R4).
+    fn segment(&self, k: usize, order: Ordering) -> Option<&[CallSlot]> {
+        let p = self.segments[k].load(order);
         if p.is_null() {
             return None;
         }
@@ -97,28 +101,30 @@ impl Slab {
 
     /// Segment `k`, allocating and publishing it if needed.
     fn grow(&self, k: usize) -> &[CallSlot] {
-        if let Some(seg) = self.segment(k) {
+        if let Some(seg) = self.segment(k, Ordering::Acquire) {
             return seg;
         }
         let fresh: Box<[CallSlot]> = (0..segment_len(k)).map(|_| CallSlot::new()).collect();
         let fresh = Box::into_raw(fresh).cast::<CallSlot>();
-        // Ordering: Release publishes the initialised slots (see `segment`).
+        // Ordering: SeqCst (release part: publishes the initialised slots;
+        // SeqCst part: see `segment`).
         if let Err(_winner) = self.segments[k].compare_exchange(
             ptr::null_mut(),
             fresh,
-            Ordering::AcqRel,
+            Ordering::SeqCst,
             Ordering::Acquire,
         ) {
             // SAFETY: `fresh` came from `Box::into_raw` just above and was
             // never published.
             drop(unsafe { Box::from_raw(ptr::slice_from_raw_parts_mut(fresh, segment_len(k))) });
         }
-        self.segment(k).expect("segment was just published")
+        self.segment(k, Ordering::Acquire)
+            .expect("segment was just published")
     }
 
     fn slot(&self, index: usize) -> Option<&CallSlot> {
         let (k, off) = locate(index);
-        self.segment(k).map(|seg| &seg[off])
+        self.segment(k, Ordering::Acquire).map(|seg| &seg[off])
     }
 
     /// Takes a free slot (the `OCCUPIED` CAS is `SeqCst`: see `state.rs`).
@@ -163,7 +169,7 @@ impl Slab {
     /// Every slot of every published segment.
     pub(crate) fn for_each_slot(&self, mut f: impl FnMut(&CallSlot)) {
         for k in 0..SEGMENTS {
-            match self.segment(k) {
+            match self.segment(k, Ordering::SeqCst) {
                 Some(seg) => seg.iter().for_each(&mut f),
                 None => break,
             }
@@ -232,9 +238,11 @@ impl TableEntry {
     /// Stores the channel's weak reference in its reserved entry.
     pub(crate) fn publish(&self, channel: &Arc<ChannelShared>) {
         let raw = Weak::into_raw(Arc::downgrade(channel)).cast_mut();
-        // Ordering: Release, so a sweeper's Acquire load sees an initialised
-        // pointer; the entry was reserved by this opener alone.
-        let prev = self.chunk.entries[self.index].swap(raw, Ordering::AcqRel);
+        // Ordering: SeqCst. Its release part lets a sweeper's load see an
+        // initialised pointer; as a SeqCst write it precedes `open_channel`'s
+        // SeqCst re-check of the host state, so a sweep that follows an abort
+        // in the SeqCst order finds every channel opened before it (R4).
+        let prev = self.chunk.entries[self.index].swap(raw, Ordering::SeqCst);
         debug_assert_eq!(prev, reserved());
     }
 
@@ -311,8 +319,8 @@ impl ChannelTable {
             for entry in chunk.entries.iter() {
                 let channel = {
                     let _guard = epoch::pin();
-                    // Ordering: Acquire pairs with `publish`.
-                    let raw = entry.load(Ordering::Acquire);
+                    // Ordering: SeqCst, pairing with `publish` (see there).
+                    let raw = entry.load(Ordering::SeqCst);
                     if raw.is_null() || raw == reserved() {
                         continue;
                     }
