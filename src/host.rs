@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use crate::call::Call;
 use crate::channel::{Channel, ChannelShared, FirstPanic};
 use crate::registry::ChannelTable;
-use crate::sync::{lock, Arc, AtomicU8, AtomicUsize, Condvar, Mutex, Ordering};
+use crate::sync::{lock, thread_shard, Arc, AtomicU8, AtomicUsize, Condvar, Mutex, Ordering};
 use crate::{CancelReason, Error, HostState};
 
 const OPEN: u8 = 0;
@@ -98,19 +98,6 @@ fn shard_count() -> usize {
     } else {
         std::thread::available_parallelism().map_or(4, |n| (n.get() * 2).clamp(2, 16))
     }
-}
-
-fn shard_index(n: usize) -> usize {
-    use std::cell::Cell;
-    use std::sync::atomic::{AtomicUsize as StdCounter, Ordering as StdOrdering};
-    static NEXT: StdCounter = StdCounter::new(0);
-    thread_local!(static MINE: Cell<usize> = const { Cell::new(usize::MAX) });
-    MINE.with(|mine| {
-        if mine.get() == usize::MAX {
-            mine.set(NEXT.fetch_add(1, StdOrdering::Relaxed));
-        }
-        mine.get() % n
-    })
 }
 
 pub(crate) struct HostShared {
@@ -292,7 +279,7 @@ impl ServiceHost {
     /// it.
     pub fn begin_call(&self) -> Result<Call, Error> {
         let shards = &self.shared.shards;
-        shards[shard_index(shards.len())].begin_call()
+        shards[thread_shard(shards.len())].begin_call()
     }
 
     /// Aborts the host (WWSAPI `WsAbortServiceHost`).

@@ -260,6 +260,7 @@ impl CallState {
     /// Ordering: `SeqCst`, so that the caller's following `SeqCst` re-check
     /// of the host/channel flags forms the R4 Dekker pair with the sweeps
     /// (module docs); its acquire side pairs with `release` (pair 3).
+    #[must_use]
     pub(crate) fn try_occupy(&self) -> Option<Snapshot> {
         let cur = self.word.load(Ordering::Relaxed);
         if cur & OCCUPIED != 0 {
@@ -392,6 +393,7 @@ impl CallState {
     /// Ordering: `AcqRel`: if the returned snapshot is not cancelled, a
     /// canceller's later RMW sees the bit and wakes (it is ordered after ours
     /// in the word's modification order).
+    #[must_use]
     pub(crate) fn announce_waiter(&self, bit: usize) -> Snapshot {
         Snapshot(self.word.fetch_or(bit, Ordering::AcqRel))
     }

@@ -83,3 +83,20 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
         Err(poisoned) => poisoned.into_inner(),
     }
 }
+
+/// A small per-thread number in `0..n`, assigned round-robin on a thread's
+/// first call: spreads host-scope calls over the host's shards. The counter is
+/// a process-wide `static`, so it is std's atomic even under loom (loom
+/// atomics cannot live in statics); it only picks a shard and takes no part
+/// in the cancellation protocol.
+pub(crate) fn thread_shard(n: usize) -> usize {
+    use std::cell::Cell;
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    thread_local!(static MINE: Cell<usize> = const { Cell::new(usize::MAX) });
+    MINE.with(|mine| {
+        if mine.get() == usize::MAX {
+            mine.set(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        }
+        mine.get() % n
+    })
+}
