@@ -79,7 +79,7 @@ fn lifecycle(c: &mut Criterion) {
             let _ = node
                 .state
                 .compare_exchange(1, 3, Ordering::AcqRel, Ordering::Acquire);
-            black_box(node);
+            black_box(&node.cb);
         })
     });
     g.finish();
