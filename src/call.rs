@@ -8,11 +8,12 @@ use core::pin::Pin;
 use core::ptr::NonNull;
 use core::task::{Context, Poll};
 
-use crate::channel::{ChannelShared, OverflowWaiter};
+use crate::channel::ChannelShared;
 use crate::registry::Claimed;
 use crate::slot::{CallSlot, Registration};
-use crate::state::{BeginRegister, Completion, Published, OVERFLOW, WAITER};
-use crate::sync::{lock, Arc, Ordering};
+use crate::state::{BeginRegister, Completion, Published};
+use crate::sync::{Arc, Ordering};
+use crate::waiter::{CancelWatch, WaitState, Woken};
 use crate::{CancelReason, RegisterError, RegisterErrorKind};
 
 /// The context of a running call (WWSAPI `WS_OPERATION_CONTEXT`): register a
@@ -176,8 +177,44 @@ impl OperationContext {
     pub fn cancelled(&self) -> Cancelled<'_> {
         Cancelled {
             ctx: self,
-            waiter: Waiter::None,
+            wait: WaitState::new(),
         }
+    }
+
+    /// Runs `fut` until it finishes (`Ok(output)`) or the call is cancelled
+    /// (`Err(reason)`, and `fut` is dropped unfinished). Cancellation is
+    /// checked first on every poll. Runtime-agnostic.
+    ///
+    /// ```
+    /// use callcancel::{CancelReason, ServiceHost};
+    /// use std::future::Future;
+    /// use std::pin::pin;
+    /// use std::task::{Context, Poll, Waker};
+    ///
+    /// let host = ServiceHost::new();
+    /// let call = host.begin_call().unwrap();
+    /// let mut cx = Context::from_waker(Waker::noop());
+    /// let mut work = pin!(call.run_until_cancelled(std::future::pending::<u32>()));
+    /// assert!(work.as_mut().poll(&mut cx).is_pending());
+    /// host.abort();
+    /// assert_eq!(work.poll(&mut cx), Poll::Ready(Err(CancelReason::HostAbort)));
+    /// ```
+    pub async fn run_until_cancelled<F: Future>(&self, fut: F) -> Result<F::Output, CancelReason> {
+        let mut fut = core::pin::pin!(fut);
+        let mut cancelled = core::pin::pin!(self.cancelled());
+        core::future::poll_fn(|cx| {
+            if let Poll::Ready(reason) = cancelled.as_mut().poll(cx) {
+                return Poll::Ready(Err(reason));
+            }
+            fut.as_mut().poll(cx).map(Ok)
+        })
+        .await
+    }
+
+    /// A `'static` handle on this call's cancellation, for a task that runs
+    /// beside the call (see [`CancelWatch`]).
+    pub fn watch(&self) -> CancelWatch {
+        CancelWatch::new(Arc::clone(&self.channel), self.slot, self.generation)
     }
 
     /// Completes the call: the owner's side of the free protocol.
@@ -189,10 +226,10 @@ impl OperationContext {
                 self.channel.host.notify_released();
             }
             Completion::CancellerFrees => {}
-            Completion::OwnerFrees { registered } => {
-                // A parked primary waker would otherwise live on in the slot.
-                drop(slot.waker.take());
-                let panic = if registered {
+            Completion::OwnerFrees { prev } => {
+                // Watches still parked learn that the call finished.
+                self.channel.wake_waiters(slot, prev);
+                let panic = if prev.is_registered() {
                     // SAFETY: `complete` returned `OwnerFrees`: we are the
                     // freer of this generation.
                     unsafe { slot.free_registration() }
@@ -282,51 +319,11 @@ impl fmt::Debug for Call {
     }
 }
 
-enum Waiter {
-    None,
-    /// Owns the slot's `AtomicWaker` (the `WAITER` bit).
-    Primary,
-    /// Parked in the channel's overflow list under this id.
-    Overflow(u64),
-}
-
 /// The future of [`OperationContext::cancelled`].
 #[must_use = "futures do nothing unless polled"]
 pub struct Cancelled<'a> {
     ctx: &'a OperationContext,
-    waiter: Waiter,
-}
-
-impl Cancelled<'_> {
-    fn park_overflow(&mut self, cx: &mut Context<'_>) {
-        let channel = &self.ctx.channel;
-        let target: *const CallSlot = self.ctx.slot();
-        let mut overflow = lock(&channel.overflow);
-        match self.waiter {
-            Waiter::Overflow(id) => {
-                if let Some(w) = overflow.waiters.iter_mut().find(|w| w.id == id) {
-                    w.waker.clone_from(cx.waker());
-                    return;
-                }
-                // Woken and removed by a canceller: park again.
-                overflow.waiters.push(OverflowWaiter {
-                    slot: target,
-                    id,
-                    waker: cx.waker().clone(),
-                });
-            }
-            _ => {
-                overflow.next_id += 1;
-                let id = overflow.next_id;
-                overflow.waiters.push(OverflowWaiter {
-                    slot: target,
-                    id,
-                    waker: cx.waker().clone(),
-                });
-                self.waiter = Waiter::Overflow(id);
-            }
-        }
-    }
+    wait: WaitState,
 }
 
 impl Future for Cancelled<'_> {
@@ -334,50 +331,19 @@ impl Future for Cancelled<'_> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<CancelReason> {
         let this = &mut *self;
-        let slot = this.ctx.slot();
-        if let Some(reason) = slot.state.load(Ordering::Acquire).reason() {
-            return Poll::Ready(reason);
+        let ctx = this.ctx;
+        match this.wait.poll(&ctx.channel, ctx.slot(), ctx.generation, cx) {
+            Poll::Ready(Woken::Cancelled(reason)) => Poll::Ready(reason),
+            // The future borrows the call, so the call cannot have completed.
+            Poll::Ready(Woken::Finished) => unreachable!("call completed under a borrow"),
+            Poll::Pending => Poll::Pending,
         }
-        if let Waiter::None = this.waiter {
-            // Become the primary waiter if nobody is.
-            let prev = slot.state.announce_waiter(WAITER);
-            if let Some(reason) = prev.reason() {
-                return Poll::Ready(reason);
-            }
-            if !prev.has(WAITER) {
-                this.waiter = Waiter::Primary;
-            }
-        }
-        match this.waiter {
-            Waiter::Primary => {
-                slot.waker.register(cx.waker());
-                // Re-check after registering: a cancel that woke an empty
-                // waker happened-before this load (atomic-waker's contract).
-                if let Some(reason) = slot.state.load(Ordering::Acquire).reason() {
-                    return Poll::Ready(reason);
-                }
-            }
-            _ => {
-                // Park first, then announce: a canceller that sees OVERFLOW
-                // finds our waker in the list.
-                this.park_overflow(cx);
-                let prev = slot.state.announce_waiter(OVERFLOW);
-                if let Some(reason) = prev.reason() {
-                    return Poll::Ready(reason);
-                }
-            }
-        }
-        Poll::Pending
     }
 }
 
 impl Drop for Cancelled<'_> {
     fn drop(&mut self) {
-        if let Waiter::Overflow(id) = self.waiter {
-            lock(&self.ctx.channel.overflow)
-                .waiters
-                .retain(|w| w.id != id);
-        }
+        self.wait.unpark(&self.ctx.channel);
     }
 }
 

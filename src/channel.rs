@@ -153,9 +153,9 @@ impl ChannelShared {
         }
     }
 
-    /// Wakes the `cancelled()` futures of a slot whose cancellation we just
-    /// decided; `seen` is the state our winning RMW replaced.
-    fn wake_waiters(&self, slot: &CallSlot, seen: Snapshot) {
+    /// Wakes the waiters of a slot whose cancellation (or completion) we just
+    /// decided; `seen` is the state our winning RMW replaced (`waiter.rs`).
+    pub(crate) fn wake_waiters(&self, slot: &CallSlot, seen: Snapshot) {
         if seen.has(WAITER) {
             slot.waker.wake();
         }

@@ -96,8 +96,10 @@ mod registry;
 mod slot;
 mod state;
 mod sync;
+mod waiter;
 
 pub use call::{Call, Cancelled, OperationContext};
 pub use channel::Channel;
 pub use error::{CancelReason, Error, HostState, RegisterError, RegisterErrorKind};
 pub use host::{Idle, ServiceHost};
+pub use waiter::{CancelWatch, WatchCancelled};

@@ -127,6 +127,9 @@ impl Snapshot {
     pub(crate) fn is_completed(self) -> bool {
         self.0 & COMPLETED != 0
     }
+    pub(crate) fn is_registered(self) -> bool {
+        self.0 & REGISTERED != 0
+    }
     pub(crate) fn has(self, bit: usize) -> bool {
         self.0 & bit != 0
     }
@@ -231,9 +234,9 @@ pub(crate) enum AfterCallback {
 pub(crate) enum Completion {
     /// Nothing was registered and the slot is already released (fast path).
     Released,
-    /// The owner frees the registered state (if `registered`), then calls
-    /// [`CallState::release`].
-    OwnerFrees { registered: bool },
+    /// The owner frees the registered state (if `prev` is registered), wakes
+    /// the waiters `prev` names, then calls [`CallState::release`].
+    OwnerFrees { prev: Snapshot },
     /// A canceller's callback is still running: it frees and releases.
     CancellerFrees,
 }
@@ -355,7 +358,7 @@ impl CallState {
     pub(crate) fn complete(&self) -> Completion {
         let cur = self.word.load(Ordering::Relaxed);
         debug_assert!(cur & OCCUPIED != 0 && cur & COMPLETED == 0);
-        if cur & (REGISTERING | REGISTERED | CLAIMED | WAITER) == 0 {
+        if cur & (REGISTERING | REGISTERED | CLAIMED | WAITER | OVERFLOW) == 0 {
             let next = next_free(Snapshot(cur));
             if self
                 .word
@@ -369,9 +372,7 @@ impl CallState {
         if prev.has(CLAIMED) && !prev.has(CB_DONE) {
             Completion::CancellerFrees
         } else {
-            Completion::OwnerFrees {
-                registered: prev.has(REGISTERED),
-            }
+            Completion::OwnerFrees { prev }
         }
     }
 
@@ -388,14 +389,34 @@ impl CallState {
         debug_assert_eq!(prev, cur.0, "slot word changed under its freer");
     }
 
-    /// A `cancelled()` future announces itself (`WAITER` or `OVERFLOW`).
+    /// A `cancelled()` future or a [`CancelWatch`](crate::CancelWatch)
+    /// announces itself (`WAITER` or `OVERFLOW`) on generation `gen`.
+    /// Returns the state it replaced, or `None` if that generation has
+    /// completed (or the slot moved on): then nobody will wake it.
     ///
     /// Ordering: `AcqRel`: if the returned snapshot is not cancelled, a
-    /// canceller's later RMW sees the bit and wakes (it is ordered after ours
-    /// in the word's modification order).
+    /// canceller's or completer's later RMW is ordered after ours in the
+    /// word's modification order, sees the bit, and wakes.
     #[must_use]
-    pub(crate) fn announce_waiter(&self, bit: usize) -> Snapshot {
-        Snapshot(self.word.fetch_or(bit, Ordering::AcqRel))
+    pub(crate) fn announce_waiter(&self, gen: usize, bit: usize) -> Option<Snapshot> {
+        let mut cur = Snapshot(self.word.load(Ordering::Acquire));
+        loop {
+            if !cur.is_occupied() || cur.generation() != gen || cur.is_completed() {
+                return None;
+            }
+            if cur.has(bit) || cur.is_cancelled() {
+                return Some(cur);
+            }
+            match self.word.compare_exchange_weak(
+                cur.0,
+                cur.0 | bit,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Some(cur),
+                Err(actual) => cur = Snapshot(actual),
+            }
+        }
     }
 }
 
@@ -436,7 +457,7 @@ mod tests {
             Published::RunInline(CancelReason::ChannelFaulted)
         );
         assert_eq!(s.begin_register(), BeginRegister::AlreadyRegistered);
-        assert_eq!(s.complete(), Completion::OwnerFrees { registered: true });
+        assert!(matches!(s.complete(), Completion::OwnerFrees { prev } if prev.is_registered()));
         s.release();
     }
 
@@ -462,7 +483,7 @@ mod tests {
             CancelOutcome::Claimed { .. }
         ));
         assert_eq!(s.finish_cancel(), AfterCallback::OwnerFrees);
-        assert_eq!(s.complete(), Completion::OwnerFrees { registered: true });
+        assert!(matches!(s.complete(), Completion::OwnerFrees { prev } if prev.is_registered()));
         s.release();
     }
 
@@ -483,7 +504,7 @@ mod tests {
         );
         assert_eq!(s.begin_register(), BeginRegister::Proceed);
         assert_eq!(s.publish_registration(), Published::Armed);
-        assert_eq!(s.complete(), Completion::OwnerFrees { registered: true });
+        assert!(matches!(s.complete(), Completion::OwnerFrees { prev } if prev.is_registered()));
         assert_eq!(
             s.request_cancel(g2, CancelReason::HostAbort),
             CancelOutcome::Skipped
