@@ -10,7 +10,7 @@ use core::task::{Context, Poll};
 
 use crate::channel::ChannelShared;
 use crate::registry::Claimed;
-use crate::slot::{CallSlot, Registration};
+use crate::slot::CallSlot;
 use crate::state::{BeginRegister, Completion, Published};
 use crate::sync::{Arc, Ordering};
 use crate::waiter::{CancelWatch, WaitState, Woken};
@@ -122,14 +122,9 @@ impl OperationContext {
             }
             BeginRegister::Proceed => {}
         }
-        let reg = Box::new(Registration {
-            state,
-            on_cancel: Some(on_cancel),
-            on_free,
-        });
         // SAFETY: `begin_register` returned `Proceed` and we have not
         // published yet.
-        unsafe { slot.store_registration(reg) };
+        unsafe { slot.store_registration(state, on_cancel, on_free) };
         match slot.state.publish_registration() {
             Published::Armed => Ok(()),
             Published::RunInline(reason) => {
@@ -232,7 +227,7 @@ impl OperationContext {
                 let panic = if prev.is_registered() {
                     // SAFETY: `complete` returned `OwnerFrees`: we are the
                     // freer of this generation.
-                    unsafe { slot.free_registration() }
+                    unsafe { slot.free_registration(prev.is_cancelled()) }
                 } else {
                     None
                 };

@@ -145,7 +145,7 @@ impl ChannelShared {
                     AfterCallback::CancellerFrees => {
                         // SAFETY: `finish_cancel` returned `CancellerFrees`:
                         // the owner completed and left the freeing to us.
-                        panics.record(unsafe { slot.free_registration() });
+                        panics.record(unsafe { slot.free_registration(true) });
                         self.release(slot, None);
                     }
                 }
