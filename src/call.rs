@@ -10,8 +10,8 @@ use core::task::{Context, Poll};
 
 use crate::channel::ChannelShared;
 use crate::registry::Claimed;
-use crate::slot::CallSlot;
-use crate::state::{BeginRegister, Completion, Published};
+use crate::slot::{CallSlot, Prepared};
+use crate::state::{Completion, Published};
 use crate::sync::{Arc, Ordering};
 use crate::waiter::{CancelWatch, WaitState, Woken};
 use crate::{CancelReason, RegisterError, RegisterErrorKind};
@@ -33,7 +33,7 @@ pub struct OperationContext {
 // the cell under the state-word protocol (`slot.rs`), which is thread-safe.
 unsafe impl Send for OperationContext {}
 // SAFETY: as above; `&OperationContext` only offers atomic operations and
-// registrations that the `REGISTERING` bit makes exclusive.
+// registrations that the `REGISTERED` bit makes exclusive.
 unsafe impl Sync for OperationContext {}
 
 impl OperationContext {
@@ -113,29 +113,25 @@ impl OperationContext {
         F: FnOnce(S) + Send + 'static,
     {
         let slot = self.slot();
-        match slot.state.begin_register() {
-            BeginRegister::AlreadyRegistered => {
-                return Err(RegisterError::new(
-                    RegisterErrorKind::AlreadyRegistered,
-                    state,
-                ));
-            }
-            BeginRegister::Proceed => {}
+        let prepared = Prepared::new(state, on_cancel, on_free);
+        let published = slot.state.publish_registration();
+        if let Published::AlreadyRegistered = published {
+            return Err(RegisterError::new(
+                RegisterErrorKind::AlreadyRegistered,
+                prepared.into_state(),
+            ));
         }
-        // SAFETY: `begin_register` returned `Proceed` and we have not
-        // published yet.
-        unsafe { slot.store_registration(state, on_cancel, on_free) };
-        match slot.state.publish_registration() {
-            Published::Armed => Ok(()),
-            Published::RunInline(reason) => {
-                // SAFETY: `RunInline`: no canceller claimed this callback, and
-                // the owner cannot complete while we borrow the context.
-                if let Some(panic) = unsafe { slot.run_callback(reason) } {
-                    std::panic::resume_unwind(panic);
-                }
-                Ok(())
+        // SAFETY: `publish_registration` made us the registrar of this
+        // generation and we have not stored yet.
+        unsafe { slot.store_registration(prepared) };
+        if let Published::RunInline(reason) = published {
+            // SAFETY: `RunInline`: no canceller claimed this callback, and
+            // the owner cannot complete while we borrow the context.
+            if let Some(panic) = unsafe { slot.run_callback(reason) } {
+                std::panic::resume_unwind(panic);
             }
         }
+        Ok(())
     }
 
     /// Whether the call was cancelled. One `Acquire` load (P4).
@@ -218,10 +214,16 @@ impl OperationContext {
         match slot.state.complete() {
             Completion::Released => {
                 self.channel.slab.note_released(self.index);
-                self.channel.host.notify_released();
+                // The release was this SeqCst CAS itself: check for idle
+                // waiters after it (the Dekker pair in host.rs).
+                if self.channel.host.idle_watched() {
+                    self.channel.host.notify_idle();
+                }
             }
             Completion::CancellerFrees => {}
             Completion::OwnerFrees { prev } => {
+                // Right after the freer-deciding SeqCst RMW (host.rs).
+                let notify = self.channel.host.idle_watched();
                 // Watches still parked learn that the call finished.
                 self.channel.wake_waiters(slot, prev);
                 let panic = if prev.is_registered() {
@@ -231,7 +233,7 @@ impl OperationContext {
                 } else {
                     None
                 };
-                self.channel.release(slot, Some(self.index));
+                self.channel.release(slot, Some(self.index), notify);
                 if let Some(panic) = panic {
                     if !std::thread::panicking() {
                         std::panic::resume_unwind(panic);

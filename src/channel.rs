@@ -96,6 +96,10 @@ impl ChannelShared {
         let call = Call::new(Arc::clone(self), claimed);
         // Ordering: SeqCst re-check after the SeqCst `try_occupy`: either we
         // see the abort/fault flag, or its sweep sees our slot (state.rs).
+        // Mutant (ci/mutants.sh): skip the re-check.
+        if cfg!(callcancel_mutant = "no_recheck") {
+            return Ok(call);
+        }
         if let Err(e) = self.check(Ordering::SeqCst) {
             drop(call);
             return Err(e);
@@ -143,10 +147,12 @@ impl ChannelShared {
                 match slot.state.finish_cancel() {
                     AfterCallback::OwnerFrees => {}
                     AfterCallback::CancellerFrees => {
+                        // Right after the freer-deciding SeqCst RMW (host.rs).
+                        let notify = self.host.idle_watched();
                         // SAFETY: `finish_cancel` returned `CancellerFrees`:
                         // the owner completed and left the freeing to us.
                         panics.record(unsafe { slot.free_registration(true) });
-                        self.release(slot, None);
+                        self.release(slot, None, notify);
                     }
                 }
             }
@@ -174,18 +180,21 @@ impl ChannelShared {
         }
     }
 
-    /// Hands a finished slot back and tells idle waiters. `index` (when the
-    /// caller knows it) becomes the slab's hint for the next `begin_call`.
-    pub(crate) fn release(&self, slot: &CallSlot, index: Option<usize>) {
-        slot.state.release();
+    /// Hands a finished slot back. `index` (when the caller knows it)
+    /// becomes the slab's hint for the next `begin_call`; `notify` is what the
+    /// freer read from the idle-waiter count right after its deciding RMW.
+    pub(crate) fn release(&self, slot: &CallSlot, index: Option<usize>, notify: bool) {
         if let Some(index) = index {
             self.slab.note_released(index);
         }
-        self.host.notify_released();
+        slot.state.release();
+        if notify {
+            self.host.notify_idle();
+        }
     }
 
     pub(crate) fn in_flight(&self) -> usize {
-        self.slab.in_flight()
+        self.slab.census().occupied
     }
 }
 

@@ -14,12 +14,21 @@
 //! There is no host-wide in-flight counter: it would be a cache line written
 //! by every call of the host. `in_flight()` sums the occupied slots of every
 //! channel instead (cold path). A waiter announces itself in `idle_waiters`
-//! (`SeqCst`), then checks the count under the `idle` mutex and sleeps on the
-//! condvar (or parks its waker). A finished call releases its slot with a
-//! `SeqCst` swap, then reads `idle_waiters` (`SeqCst`): in the single order of
-//! `SeqCst` operations either the waiter's count sees the release, or the
-//! releaser sees the waiter and notifies it under the mutex. The hot path
-//! pays one load of a line that is written only while someone waits.
+//! (`SeqCst`), then takes a census under the `idle` mutex and sleeps on the
+//! condvar (or parks its waker).
+//!
+//! The thread that frees a call (the owner in `complete`, or a canceller
+//! whose callback outlived the completion) reads `idle_waiters` (`SeqCst`)
+//! right after the `SeqCst` RMW that made it the freer, runs the free-state,
+//! releases the slot with a plain store, and notifies under the mutex if it
+//! saw a waiter. In the single order of `SeqCst` operations either the freer's
+//! load sees the waiter (and notifies after the release), or the waiter's
+//! census sees the slot already in its finishing phase. A finishing slot
+//! will be released without a notification, so the waiter re-takes the
+//! census after a short pause instead of sleeping until notified (the freer
+//! is running the free-state: typically microseconds). Calls that were not
+//! finishing at the census will be notified for. The hot path pays one load
+//! of a line that is written only while somebody waits.
 
 use core::fmt;
 use core::future::Future;
@@ -29,14 +38,21 @@ use std::time::{Duration, Instant};
 
 use crate::call::Call;
 use crate::channel::{Channel, ChannelShared, FirstPanic};
-use crate::registry::ChannelTable;
-use crate::sync::{lock, thread_shard, Arc, AtomicU8, AtomicUsize, Condvar, Mutex, Ordering};
+use crate::registry::{Census, ChannelTable};
+use crate::sync::{
+    lock, pause_briefly, thread_shard, Arc, AtomicU8, AtomicUsize, Condvar, Mutex, Ordering,
+};
 use crate::{CancelReason, Error, HostState};
 
 const OPEN: u8 = 0;
 const CLOSING: u8 = 1;
 const ABORTED: u8 = 2;
 const CLOSED: u8 = 3;
+
+/// First and longest pause before a waiter re-takes the census while a call
+/// is finishing (its free-state running).
+const FINISHING_PAUSE_MIN: Duration = Duration::from_micros(50);
+const FINISHING_PAUSE_MAX: Duration = Duration::from_millis(5);
 
 /// Keeps a hot, read-mostly field off its neighbours' cache lines (128 bytes:
 /// the adjacent-line prefetcher pairs 64-byte lines on x86).
@@ -76,17 +92,21 @@ impl HostCore {
         }
     }
 
-    /// Called after every slot release (the releaser's half of the idle
-    /// Dekker pair; see the module docs).
-    pub(crate) fn notify_released(&self) {
-        if self.idle_waiters.0.load(Ordering::SeqCst) != 0 {
-            let wakers = {
-                let mut idle = lock(&self.idle);
-                self.idle_cv.notify_all();
-                core::mem::take(&mut idle.wakers)
-            };
-            wakers.into_iter().for_each(|(_, w)| w.wake());
-        }
+    /// Whether anybody waits for idle: read by a freer right after its
+    /// deciding `SeqCst` RMW (the freer's half of the idle Dekker pair; see
+    /// the module docs).
+    pub(crate) fn idle_watched(&self) -> bool {
+        self.idle_waiters.0.load(Ordering::SeqCst) != 0
+    }
+
+    /// Wakes every idle waiter so it takes a new census.
+    pub(crate) fn notify_idle(&self) {
+        let wakers = {
+            let mut idle = lock(&self.idle);
+            self.idle_cv.notify_all();
+            core::mem::take(&mut idle.wakers)
+        };
+        wakers.into_iter().for_each(|(_, w)| w.wake());
     }
 }
 
@@ -112,10 +132,14 @@ impl HostShared {
         self.shards.iter().for_each(f);
     }
 
+    fn census(&self) -> Census {
+        let mut c = Census::default();
+        self.for_each_channel(|ch| c += ch.slab.census());
+        c
+    }
+
     fn in_flight(&self) -> usize {
-        let mut n = 0;
-        self.for_each_channel(|c| n += c.in_flight());
-        n
+        self.census().occupied
     }
 
     /// Waits until nothing is in flight or `deadline` passes.
@@ -124,8 +148,10 @@ impl HostShared {
         // Ordering: SeqCst, the waiter's half of the idle Dekker pair.
         core.idle_waiters.0.fetch_add(1, Ordering::SeqCst);
         let mut guard = lock(&core.idle);
+        let mut pause = FINISHING_PAUSE_MIN;
         let idle = loop {
-            if self.in_flight() == 0 {
+            let census = self.census();
+            if census.occupied == 0 {
                 break true;
             }
             let remaining = match deadline {
@@ -135,6 +161,13 @@ impl HostShared {
                     _ => break false,
                 },
             };
+            if census.finishing > 0 {
+                // Released without a notification for us: look again soon.
+                guard = pause_briefly(&core.idle_cv, &core.idle, guard, pause.min(remaining));
+                pause = (pause * 2).min(FINISHING_PAUSE_MAX);
+                continue;
+            }
+            pause = FINISHING_PAUSE_MIN;
             guard = match core.idle_cv.wait_timeout(guard, remaining) {
                 Ok((g, _)) => g,
                 Err(poisoned) => poisoned.into_inner().0,
@@ -387,9 +420,16 @@ impl Future for Idle {
             idle.next_id += 1;
             idle.next_id
         });
-        if this.host.in_flight() == 0 {
+        let census = this.host.census();
+        if census.occupied == 0 {
             idle.wakers.retain(|(i, _)| *i != id);
             return Poll::Ready(());
+        }
+        if census.finishing > 0 {
+            // A finishing slot is released without a notification for us
+            // (module docs): ask to be polled again.
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
         }
         match idle.wakers.iter_mut().find(|(i, _)| *i == id) {
             Some((_, w)) => w.clone_from(cx.waker()),

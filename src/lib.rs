@@ -92,6 +92,8 @@ mod call;
 mod channel;
 mod error;
 mod host;
+#[cfg(loom)]
+mod loom_waker;
 mod registry;
 mod slot;
 mod state;

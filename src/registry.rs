@@ -128,24 +128,39 @@ impl Slab {
     }
 
     /// Takes a free slot (the `OCCUPIED` CAS is `SeqCst`: see `state.rs`).
+    ///
+    /// Tries the hint (the last released slot) first, then scans the
+    /// published segments from the hint onwards, wrapping around, and grows
+    /// the slab only when every slot is taken. Releases move the hint to the
+    /// released slot, so a steady state finds a free slot at once even with
+    /// thousands of calls in flight.
     pub(crate) fn claim(&self) -> Claimed {
         let hint = self.hint.load(Ordering::Relaxed);
-        if let Some(slot) = self.slot(hint) {
-            if let Some(snap) = slot.state.try_occupy() {
-                return Claimed {
-                    slot: NonNull::from(slot),
-                    index: hint,
-                    generation: snap.generation(),
-                };
+        if let Some(claimed) = self.try_claim_at(hint) {
+            return claimed;
+        }
+        let capacity = self.published_capacity();
+        let start = if hint < capacity { hint } else { 0 };
+        for index in (start..capacity).chain(0..start) {
+            if let Some(claimed) = self.try_claim_at(index) {
+                if index != hint {
+                    // Point the next claim past us: the slot we took is busy.
+                    self.hint.store(index + 1, Ordering::Relaxed);
+                }
+                return claimed;
             }
         }
-        let mut base = 0;
+        // Every published slot was taken: publish more segments.
+        let mut index = capacity;
         for k in 0..SEGMENTS {
             let seg = self.grow(k);
-            for (off, slot) in seg.iter().enumerate() {
+            if index >= BASE * ((1 << (k + 1)) - 1) {
+                continue;
+            }
+            let (_, first) = locate(index);
+            for (off, slot) in seg.iter().enumerate().skip(first) {
                 if let Some(snap) = slot.state.try_occupy() {
-                    let index = base + off;
-                    // Point the next claim past us: the slot we took is busy.
+                    let index = BASE * ((1 << k) - 1) + off;
                     self.hint.store(index + 1, Ordering::Relaxed);
                     return Claimed {
                         slot: NonNull::from(slot),
@@ -154,9 +169,28 @@ impl Slab {
                     };
                 }
             }
-            base += seg.len();
+            index = BASE * ((1 << (k + 1)) - 1);
         }
-        panic!("callcancel: more than {base} calls in flight on one channel");
+        panic!("callcancel: more than {index} calls in flight on one channel");
+    }
+
+    fn try_claim_at(&self, index: usize) -> Option<Claimed> {
+        let slot = self.slot(index)?;
+        let snap = slot.state.try_occupy()?;
+        Some(Claimed {
+            slot: NonNull::from(slot),
+            index,
+            generation: snap.generation(),
+        })
+    }
+
+    /// Slots in the published segments (segments are published in order).
+    fn published_capacity(&self) -> usize {
+        let mut k = 0;
+        while k < SEGMENTS && self.segment(k, Ordering::Acquire).is_some() {
+            k += 1;
+        }
+        BASE * ((1 << k) - 1)
     }
 
     /// Remembers a released slot for the next `claim`.
@@ -177,15 +211,32 @@ impl Slab {
     }
 
     /// Occupied slots (calls in flight, including those whose cancel
-    /// callback or free-state is still running).
-    pub(crate) fn in_flight(&self) -> usize {
-        let mut n = 0;
-        // Ordering: SeqCst, the waiter side of the idle Dekker pair
-        // (`release` is SeqCst; see host.rs).
+    /// callback or free-state is still running), and how many of those are
+    /// in their finishing phase (`Snapshot::is_finishing`).
+    pub(crate) fn census(&self) -> Census {
+        let mut c = Census::default();
+        // Ordering: SeqCst, the waiter side of the idle Dekker pair (see
+        // host.rs).
         self.for_each_slot(|slot| {
-            n += usize::from(slot.state.load(Ordering::SeqCst).is_occupied())
+            let s = slot.state.load(Ordering::SeqCst);
+            c.occupied += usize::from(s.is_occupied());
+            c.finishing += usize::from(s.is_finishing());
         });
-        n
+        c
+    }
+}
+
+/// Counts from [`Slab::census`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Census {
+    pub(crate) occupied: usize,
+    pub(crate) finishing: usize,
+}
+
+impl core::ops::AddAssign for Census {
+    fn add_assign(&mut self, other: Self) {
+        self.occupied += other.occupied;
+        self.finishing += other.finishing;
     }
 }
 
@@ -366,7 +417,7 @@ mod tests {
         for _ in 0..3 * BASE {
             held.push(slab.claim());
         }
-        assert_eq!(slab.in_flight(), 3 * BASE + 1);
+        assert_eq!(slab.census().occupied, 3 * BASE + 1);
         let mut indices: Vec<_> = held.iter().map(|c| c.index).collect();
         indices.push(a.index);
         indices.sort_unstable();

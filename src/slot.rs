@@ -5,7 +5,8 @@
 //! thread can reach it. Who may touch the cell is decided by the state word
 //! (`state.rs`):
 //!
-//! * the registrar that won `begin_register` writes it, once;
+//! * the registrar that won `publish_registration` writes it, once, and then
+//!   publishes it with a `Release` store of the slot's vtable pointer;
 //! * the thread that runs the cancel callback (the canceller that `CLAIMED`
 //!   it, or the registrar itself on `RunInline`) mutates it to take the
 //!   `on_cancel` closure out;
@@ -21,7 +22,7 @@ use std::any::Any;
 use std::panic::{self, AssertUnwindSafe};
 
 use crate::state::CallState;
-use crate::sync::{AtomicWaker, UnsafeCell};
+use crate::sync::{spin_wait, AtomicPtr, AtomicWaker, Ordering, UnsafeCell};
 use crate::CancelReason;
 
 /// A panic payload caught from user code.
@@ -36,7 +37,7 @@ const INLINE_WORDS: usize = 3;
 struct Buf([MaybeUninit<usize>; INLINE_WORDS]);
 
 /// A registration's parts, as stored (inline in a [`Buf`] or boxed).
-struct Parts<S, C, F> {
+pub(crate) struct Parts<S, C, F> {
     state: S,
     /// Taken out (moved) when the callback runs; whether it was is read off
     /// the state word (`CANCELLED` with `REGISTERED` means it ran).
@@ -132,10 +133,43 @@ where
     }
 }
 
-/// A registration in its slot: the bytes and how to use them.
-struct Stored {
-    buf: Buf,
-    vtable: Option<&'static VTable>,
+/// A registration built before the registrar's RMW (boxing, if needed, is
+/// done here, so the window between winning the RMW and publishing the bytes
+/// holds no allocation and no user code).
+pub(crate) enum Prepared<S, C, F> {
+    Inline(Parts<S, C, F>),
+    Boxed(Box<Parts<S, C, F>>),
+}
+
+impl<S, C, F> Prepared<S, C, F>
+where
+    C: FnOnce(CancelReason, &S),
+    F: FnOnce(S),
+{
+    pub(crate) fn new(state: S, on_cancel: C, on_free: F) -> Self {
+        let parts = Parts {
+            state,
+            on_cancel: ManuallyDrop::new(on_cancel),
+            on_free,
+        };
+        if Parts::<S, C, F>::FITS_INLINE {
+            Prepared::Inline(parts)
+        } else {
+            Prepared::Boxed(Box::new(parts))
+        }
+    }
+
+    /// A refused registration: give the state back, drop the closures
+    /// unrun (R2).
+    pub(crate) fn into_state(self) -> S {
+        let parts = match self {
+            Prepared::Inline(parts) => parts,
+            Prepared::Boxed(boxed) => *boxed,
+        };
+        drop(ManuallyDrop::into_inner(parts.on_cancel));
+        drop(parts.on_free);
+        parts.state
+    }
 }
 
 /// Runs user code, catching a panic so the caller can finish its protocol
@@ -150,7 +184,12 @@ pub(crate) fn catch(f: impl FnOnce()) -> Option<Panic> {
 #[repr(align(64))]
 pub(crate) struct CallSlot {
     pub(crate) state: CallState,
-    cell: UnsafeCell<Stored>,
+    /// The registration's bytes (inline `Parts`, or a `Box<Parts>` pointer).
+    cell: UnsafeCell<Buf>,
+    /// How to use `cell`: null until the registrar has written it. Published
+    /// with `Release` after the write, read with `Acquire` before any use,
+    /// reset to null by the freer before `release`.
+    vtable: AtomicPtr<VTable>,
     pub(crate) waker: AtomicWaker,
 }
 
@@ -168,47 +207,69 @@ impl CallSlot {
     pub(crate) fn new() -> Self {
         Self {
             state: CallState::new(),
-            cell: UnsafeCell::new(Stored {
-                buf: Buf([MaybeUninit::uninit(); INLINE_WORDS]),
-                vtable: None,
-            }),
+            cell: UnsafeCell::new(Buf([MaybeUninit::uninit(); INLINE_WORDS])),
+            vtable: AtomicPtr::new(ptr::null_mut()),
             waker: AtomicWaker::new(),
         }
     }
 
-    /// Stores a registration: inline when it fits in three words, else boxed.
+    /// Stores a prepared registration and publishes it.
     ///
     /// # Safety
-    /// The caller won `begin_register` for the current generation and has not
-    /// yet called `publish_registration`.
-    pub(crate) unsafe fn store_registration<S, C, F>(&self, state: S, on_cancel: C, on_free: F)
+    /// The caller's `publish_registration` returned `Armed` or `RunInline`
+    /// for the current generation, and it has not stored anything yet.
+    pub(crate) unsafe fn store_registration<S, C, F>(&self, prepared: Prepared<S, C, F>)
     where
         S: Send + 'static,
         C: FnOnce(CancelReason, &S) + Send + 'static,
         F: FnOnce(S) + Send + 'static,
     {
-        let parts = Parts {
-            state,
-            on_cancel: ManuallyDrop::new(on_cancel),
-            on_free,
-        };
-        self.cell.with_mut(|cell| {
-            // SAFETY: per this function's contract no other thread may touch
-            // the cell until `publish_registration` publishes it.
-            let cell = unsafe { &mut *cell };
-            debug_assert!(cell.vtable.is_none());
-            let buf: *mut Buf = &mut cell.buf;
-            if Parts::<S, C, F>::FITS_INLINE {
-                // SAFETY: `FITS_INLINE` checked size and alignment.
+        let vtable: &'static VTable = self.cell.with_mut(|buf| match prepared {
+            Prepared::Inline(parts) => {
+                // SAFETY: `FITS_INLINE` (checked by `Prepared::new`) gives
+                // size and alignment; per this function's contract nobody
+                // reads the cell until the vtable pointer is published below.
                 unsafe { buf.cast::<Parts<S, C, F>>().write(parts) };
-                cell.vtable = Some(&Parts::<S, C, F>::INLINE);
-            } else {
-                let boxed = Box::into_raw(Box::new(parts));
-                // SAFETY: a pointer fits in (and is aligned for) `Buf`.
-                unsafe { buf.cast::<*mut Parts<S, C, F>>().write(boxed) };
-                cell.vtable = Some(&Parts::<S, C, F>::BOXED);
+                &Parts::<S, C, F>::INLINE
+            }
+            Prepared::Boxed(boxed) => {
+                // SAFETY: a pointer fits in (and is aligned for) `Buf`; no
+                // reader yet, as above.
+                unsafe {
+                    buf.cast::<*mut Parts<S, C, F>>()
+                        .write(Box::into_raw(boxed))
+                };
+                &Parts::<S, C, F>::BOXED
             }
         });
+        debug_assert!(self.vtable.load(Ordering::Relaxed).is_null());
+        // Ordering: Release publishes the bytes to the claimer's Acquire
+        // load in `published` (pair 1 in `state.rs`).
+        // Mutant (ci/mutants.sh): publish with Relaxed.
+        let order = if cfg!(callcancel_mutant = "relaxed_publish") {
+            Ordering::Relaxed
+        } else {
+            Ordering::Release
+        };
+        self.vtable.store(ptr::from_ref(vtable).cast_mut(), order);
+    }
+
+    /// The published vtable. A canceller may claim between the registrar's
+    /// RMW and its publication: then it waits here for a few instructions
+    /// (the registrar runs no user code and allocates nothing in between).
+    fn published(&self) -> &'static VTable {
+        let mut spins = 0u32;
+        loop {
+            // Ordering: Acquire pairs with the Release store in
+            // `store_registration`.
+            let p = self.vtable.load(Ordering::Acquire);
+            if !p.is_null() {
+                // SAFETY: only `&'static VTable`s are stored here.
+                return unsafe { &*p };
+            }
+            spins = spins.wrapping_add(1);
+            spin_wait(spins);
+        }
     }
 
     /// Runs the cancel callback, catching a panic.
@@ -216,18 +277,14 @@ impl CallSlot {
     /// # Safety
     /// The caller holds the right to run the callback: it is the canceller
     /// whose `request_cancel` returned `Claimed`, or the registrar whose
-    /// `publish_registration` returned `RunInline`; and it has not yet
-    /// called `finish_cancel`.
+    /// `publish_registration` returned `RunInline` (after storing); and it
+    /// has not yet called `finish_cancel`.
     pub(crate) unsafe fn run_callback(&self, reason: CancelReason) -> Option<Panic> {
-        self.cell.with_mut(|cell| {
-            // SAFETY: per the contract, this thread has exclusive access to
-            // the cell until it publishes `CB_DONE` (or, inline, until the
-            // owner can complete, which needs the registration to return).
-            let cell = unsafe { &mut *cell };
-            let vtable = cell.vtable?;
-            let buf: *mut Buf = &mut cell.buf;
-            // SAFETY: `vtable` matches what `store_registration` put in
-            // `buf`, and the callback has not run (one runner per generation).
+        let vtable = self.published();
+        self.cell.with_mut(|buf| {
+            // SAFETY: `vtable` matches the bytes in `buf` (published after
+            // them); per the contract this thread alone runs the callback,
+            // which has not run yet.
             catch(|| unsafe { (vtable.cancel)(buf, reason) })
         })
     }
@@ -237,17 +294,19 @@ impl CallSlot {
     ///
     /// # Safety
     /// The caller is the freer of the current generation (its `complete`
-    /// returned `OwnerFrees` or its `finish_cancel` returned
-    /// `CancellerFrees`) and has not yet called `release`.
+    /// returned `OwnerFrees` for a registered call or its `finish_cancel`
+    /// returned `CancellerFrees`) and has not yet called `release`.
     pub(crate) unsafe fn free_registration(&self, cancel_ran: bool) -> Option<Panic> {
-        self.cell.with_mut(|cell| {
-            // SAFETY: per the contract, no other thread touches the cell any
-            // more in this generation; the next one starts after `release`.
-            let cell = unsafe { &mut *cell };
-            let vtable = cell.vtable.take()?;
-            let buf: *mut Buf = &mut cell.buf;
-            // SAFETY: `vtable` matches the stored value, freed exactly once
-            // (we just took the vtable out).
+        // The registration returned (owner) or the callback ran (canceller):
+        // either way the vtable is published.
+        let vtable = self.published();
+        // Ordering: Relaxed; `release` (Release) publishes the reset to the
+        // next generation.
+        self.vtable.store(ptr::null_mut(), Ordering::Relaxed);
+        self.cell.with_mut(|buf| {
+            // SAFETY: we are the freer: no other thread touches the cell in
+            // this generation any more; the bytes match `vtable`, and we reset
+            // the vtable above so they are freed exactly once.
             catch(|| unsafe { (vtable.free)(buf, cancel_ran) })
         })
     }
@@ -256,18 +315,12 @@ impl CallSlot {
 impl Drop for CallSlot {
     fn drop(&mut self) {
         // A slot is dropped with its slab, when no call can be in flight (a
-        // call holds its channel alive), so the cell is empty. Free any
+        // call holds its channel alive), so nothing is stored. Free any
         // leftover all the same, so nothing can leak.
-        let leftover = self.cell.with_mut(|cell| {
-            // SAFETY: `&mut self`: nobody else can reach the slot.
-            unsafe { (*cell).vtable.is_some() }
-        });
+        let leftover = !self.vtable.load(Ordering::Acquire).is_null();
         debug_assert!(!leftover, "slot dropped with a live registration");
         if leftover {
-            let cancel_ran = self
-                .state
-                .load(crate::sync::Ordering::Relaxed)
-                .is_cancelled();
+            let cancel_ran = self.state.load(Ordering::Relaxed).is_cancelled();
             // SAFETY: `&mut self` makes us the only possible freer.
             let _ = unsafe { self.free_registration(cancel_ran) };
         }
@@ -277,7 +330,7 @@ impl Drop for CallSlot {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
-    use crate::state::{BeginRegister, Published};
+    use crate::state::Published;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 
@@ -293,10 +346,9 @@ mod tests {
         F: FnOnce(S) + Send + 'static,
     {
         assert!(slot.state.try_occupy().is_some());
-        assert_eq!(slot.state.begin_register(), BeginRegister::Proceed);
-        // SAFETY: we won `begin_register` and have not published.
-        unsafe { slot.store_registration(state, on_cancel, on_free) };
         assert_eq!(slot.state.publish_registration(), Published::Armed);
+        // SAFETY: we won `publish_registration` and have not stored.
+        unsafe { slot.store_registration(Prepared::new(state, on_cancel, on_free)) };
     }
 
     /// Inline (small) and boxed (large) registrations: the callback runs

@@ -3,91 +3,99 @@
 //! Every call slot owns one [`CallState`]. All questions "who runs the cancel
 //! callback", "who frees the state", "may this slot be reused" are answered
 //! by the *return value* of a single read-modify-write on this word, so no
-//! two threads can both believe they won.
+//! two threads can both believe they won. The uncontended lifecycle costs
+//! three RMWs on this (call-private) word: `try_occupy`,
+//! `publish_registration` and `complete`; the release that follows is a
+//! plain store.
 //!
 //! # Bits
 //!
 //! ```text
-//!  63 ............................ 10   9        8       7         6        5        4        3         2           1           0
-//! +----------------------------------+--------+-------+---------+--------+--------+--------+---------+-----------+-------------+----------+
-//! |            generation            |OVERFLOW|WAITER |COMPLETED|CB_DONE |CLAIMED |R_FAULT |CANCELLED|REGISTERED |REGISTERING  | OCCUPIED |
-//! +----------------------------------+--------+-------+---------+--------+--------+--------+---------+-----------+-------------+----------+
+//!  63 .................. 10   9        8       7         6        5        4        3          2          1        0
+//! +------------------------+--------+-------+---------+--------+--------+--------+---------+------------+--------+----------+
+//! |       generation       |OVERFLOW|WAITER |COMPLETED|CB_DONE |CLAIMED |R_FAULT |CANCELLED| REGISTERED | (free) | OCCUPIED |
+//! +------------------------+--------+-------+---------+--------+--------+--------+---------+------------+--------+----------+
 //! ```
 //!
 //! | bit | meaning | set by | invariant |
 //! |---|---|---|---|
 //! | `OCCUPIED` | a live call owns the slot | `begin_call` ([`CallState::try_occupy`]) | cleared only by [`CallState::release`], which also bumps the generation |
-//! | `REGISTERING` | a registration has started | the first registrar ([`CallState::begin_register`]) | later registrars see it and fail with `AlreadyRegistered` |
-//! | `REGISTERED` | the callback cell is filled | that registrar ([`CallState::publish_registration`]) | implies `REGISTERING` |
-//! | `CANCELLED` | cancellation decided | the first canceller ([`CallState::request_cancel`]) | set at most once per generation; never with `COMPLETED` already set |
+//! | `REGISTERED` | a registrar won the slot's one registration | the first registrar ([`CallState::publish_registration`]) | later registrars see it and fail with `AlreadyRegistered`; the registration's bytes are published separately (the slot's vtable pointer, `slot.rs`) |
+//! | `CANCELLED` | cancellation decided | the first canceller ([`CallState::request_cancel`]) | set at most once per generation; never once `COMPLETED` is set |
 //! | `R_FAULT` | reason is `ChannelFaulted` (else `HostAbort`) | the same RMW as `CANCELLED` | meaningful only with `CANCELLED`; never changes afterwards (R5) |
-//! | `CLAIMED` | a canceller owns the callback and runs it | the RMW that makes `CANCELLED` and `REGISTERED` both true from the canceller side | implies `CANCELLED` and `REGISTERED` |
+//! | `CLAIMED` | a canceller owns the callback and runs it | the canceller's RMW that sets `CANCELLED` while `REGISTERED` is set | implies `CANCELLED` and `REGISTERED` |
 //! | `CB_DONE` | the claimed callback has returned | the claimer ([`CallState::finish_cancel`]) | implies `CLAIMED` |
-//! | `COMPLETED` | the owner completed the call | [`CallState::complete`] | after it, no canceller claims (R6) |
-//! | `WAITER` | a `cancelled()` future parked in the slot's `AtomicWaker` | the first future | cancellers wake the `AtomicWaker` when they see it |
-//! | `OVERFLOW` | more futures parked in the channel's overflow list | later futures | cancellers wake the overflow list when they see it |
+//! | `COMPLETED` | the owner completed the call | [`CallState::complete`] | after it, no thread but the freer writes the word (R6) |
+//! | `WAITER` | a future parked in the slot's `AtomicWaker` | the first waiter | cancellers and completers wake the `AtomicWaker` when they see it |
+//! | `OVERFLOW` | more futures parked in the channel's overflow list | later waiters | cancellers and completers wake the list when they see it |
 //!
 //! # State machine (one generation of one slot)
 //!
 //! ```text
 //!                    try_occupy
-//!   FREE(g) ─────────────────────────▶ OCCUPIED
-//!      ▲                               │   │  \
-//!      │ release (gen g+1)             │   │   \ request_cancel (not registered): CANCELLED, no claim
-//!      │                               │   │    ▼
-//!      │                begin_register │   │   CANCELLED ──publish_registration──▶ callback runs *inline*
-//!      │                               ▼   │                                        in register (R4)
-//!      │                      REGISTERING  │
-//!      │           publish_registration │  │
-//!      │                               ▼   │
-//!      │                         REGISTERED│
-//!      │         request_cancel          │ │ complete
-//!      │  (CANCELLED|CLAIMED: canceller  │ │
-//!      │   runs the callback, unpinned)  ▼ ▼
-//!      │                        CLAIMED      COMPLETED ──▶ owner frees, then release
-//!      │                  complete │   │ finish_cancel
-//!      │                           ▼   ▼
-//!      │      CLAIMED|COMPLETED         CLAIMED|CB_DONE
-//!      │   (owner returns at once:        │ complete: owner frees, then release
-//!      │    whoever finishes last frees)  │
+//!   FREE(g) ─────────────────────────▶ OCCUPIED ───────────── request_cancel (nothing registered):
+//!      ▲                                  │                  CANCELLED, no claim; a later
+//!      │ release: plain store of          │ publish_registration   publish_registration returns
+//!      │ FREE(g+1) by the freer           ▼                  RunInline: the registrar runs the
+//!      │                              REGISTERED             callback inside register (R4)
+//!      │          request_cancel:        │   │
+//!      │          CANCELLED|CLAIMED      │   │ complete (owner): COMPLETED → owner frees
+//!      │          (canceller runs the    ▼   ▼
+//!      │          callback, unpinned)  CLAIMED    COMPLETED ──▶ owner frees, then release
+//!      │                  complete │     │ finish_cancel
+//!      │                           ▼     ▼
+//!      │          CLAIMED|COMPLETED     CLAIMED|CB_DONE
+//!      │       (owner returns at once:    │ complete: owner frees, then release
+//!      │        whoever finishes last     │
+//!      │        frees)                    │
 //!      └── finish_cancel: canceller frees, then release
 //! ```
 //!
 //! # Reachable combinations (ignoring `WAITER`/`OVERFLOW`, which may be added
 //! to any row while `COMPLETED` is clear)
 //!
-//! | OCC | REG'ING | REG'D | CANC | CLAIM | CB_DONE | COMPL | meaning |
-//! |---|---|---|---|---|---|---|---|
-//! | 0 | 0 | 0 | 0 | 0 | 0 | 0 | free slot (only the generation is non-zero) |
-//! | 1 | 0 | 0 | 0 | 0 | 0 | 0 | call running, nothing registered |
-//! | 1 | 1 | 0 | 0 | 0 | 0 | 0 | registration in progress |
-//! | 1 | 1 | 1 | 0 | 0 | 0 | 0 | armed: a cancel will claim the callback |
-//! | 1 | x | 0 | 1 | 0 | 0 | 0 | cancelled before registration finished: the registrar runs the callback inline |
-//! | 1 | 1 | 1 | 1 | 0 | 0 | 0 | cancelled, callback ran (or runs) inline in the registrar |
-//! | 1 | 1 | 1 | 1 | 1 | 0 | 0 | a canceller runs the callback |
-//! | 1 | 1 | 1 | 1 | 1 | 1 | 0 | the callback returned, call still running |
-//! | 1 | 1 | 1 | 1 | 1 | 0 | 1 | completed while the callback runs: the canceller will free |
-//! | 1 | x | x | x | x | x | 1 | completed: the freer is running; `release` follows |
+//! | OCC | REG | CANC | CLAIM | CB_DONE | COMPL | meaning |
+//! |---|---|---|---|---|---|---|
+//! | 0 | 0 | 0 | 0 | 0 | 0 | free slot (only the generation is non-zero) |
+//! | 1 | 0 | 0 | 0 | 0 | 0 | call running, nothing registered |
+//! | 1 | 1 | 0 | 0 | 0 | 0 | armed: a cancel will claim the callback |
+//! | 1 | 0 | 1 | 0 | 0 | 0 | cancelled before registration: a registrar will run the callback inline |
+//! | 1 | 1 | 1 | 0 | 0 | 0 | cancelled, callback ran (or runs) inline in the registrar |
+//! | 1 | 1 | 1 | 1 | 0 | 0 | a canceller runs the callback |
+//! | 1 | 1 | 1 | 1 | 1 | 0 | the callback returned, call still running |
+//! | 1 | 1 | 1 | 1 | 0 | 1 | completed while the callback runs: the canceller will free |
+//! | 1 | x | x | x | x | 1 | completed, freer running (the "finishing" phase); `release` follows |
 //!
 //! # Memory ordering
 //!
-//! * The registrar writes the callback cell, then `publish_registration` does
-//!   an `AcqRel` RMW. A canceller whose `request_cancel` RMW reads `REGISTERED`
-//!   (`AcqRel`) therefore sees the cell contents. (Release → Acquire pair 1.)
+//! * `publish_registration` is an `AcqRel` RMW; the registrar then writes the
+//!   registration and publishes it with a `Release` store of the slot's
+//!   vtable pointer. A canceller whose `request_cancel` claimed (`AcqRel`)
+//!   waits for that pointer with `Acquire` loads before touching the bytes
+//!   (a window of a few instructions, no user code: see `slot.rs`).
+//!   (Pair 1.)
 //! * The claimer takes the `on_cancel` closure out of the cell, then
-//!   `finish_cancel` (`AcqRel`). The owner's `complete` RMW (`AcqRel`) that
+//!   `finish_cancel` (`SeqCst` RMW). The owner's `complete` RMW (`SeqCst`) that
 //!   reads `CB_DONE` sees the cell as the claimer left it; a claimer whose
 //!   `finish_cancel` reads `COMPLETED` owns the cell outright. (Pair 2.)
-//! * `release` stores the next generation with `SeqCst`; the next
+//! * `release` stores the next generation with `Release`; the next
 //!   `try_occupy` (`SeqCst` CAS) reads it and so sees the emptied cell.
-//!   (Pair 3.) `SeqCst` also orders it before the idle-waiter check that
-//!   follows (a Dekker pair with `wait_idle`, see `host.rs`).
+//!   (Pair 3.) A plain store is enough because after `COMPLETED` (owner
+//!   frees) or `CB_DONE` with `COMPLETED` (canceller frees) no other thread
+//!   writes the word: cancellers, registrars and waiters all back off on
+//!   `COMPLETED`, and claimers need `OCCUPIED` clear.
 //! * `try_occupy` is `SeqCst` and is followed by a `SeqCst` re-check of the
 //!   host and channel flags; an abort or fault sets its flag with a `SeqCst`
 //!   RMW before its sweep loads slot states with `SeqCst`. In the single total
 //!   order of `SeqCst` operations either the re-check sees the flag (the call
 //!   is refused) or the sweep sees the slot occupied (the call is cancelled):
 //!   never neither (R4).
+//! * The RMW that makes a thread the freer (`complete` or `finish_cancel`) is
+//!   `SeqCst` and is followed by a `SeqCst` load of the host's idle-waiter
+//!   count; `wait_idle` increments that count (`SeqCst`) before it scans. So a
+//!   freer either sees the waiter (and notifies it after `release`), or the
+//!   waiter sees the slot already in its finishing phase and polls it
+//!   briefly instead of sleeping (`host.rs`).
 //! * `is_cancelled()` is one `Acquire` load, pairing with the `AcqRel`
 //!   RMW that set `CANCELLED` (P4).
 
@@ -95,7 +103,6 @@ use crate::sync::{AtomicUsize, Ordering};
 use crate::CancelReason;
 
 const OCCUPIED: usize = 1 << 0;
-const REGISTERING: usize = 1 << 1;
 const REGISTERED: usize = 1 << 2;
 const CANCELLED: usize = 1 << 3;
 const R_FAULT: usize = 1 << 4;
@@ -127,6 +134,11 @@ impl Snapshot {
     pub(crate) fn is_completed(self) -> bool {
         self.0 & COMPLETED != 0
     }
+    /// Completed, with the freer at work: `release` follows without waking
+    /// anybody who was not waiting already (`host.rs`).
+    pub(crate) fn is_finishing(self) -> bool {
+        self.is_occupied() && self.is_completed() && (!self.has(CLAIMED) || self.has(CB_DONE))
+    }
     pub(crate) fn is_registered(self) -> bool {
         self.0 & REGISTERED != 0
     }
@@ -149,7 +161,6 @@ impl core::fmt::Debug for Snapshot {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         let names = [
             (OCCUPIED, "OCCUPIED"),
-            (REGISTERING, "REGISTERING"),
             (REGISTERED, "REGISTERED"),
             (CANCELLED, "CANCELLED"),
             (R_FAULT, "R_FAULT"),
@@ -181,20 +192,12 @@ fn reason_bits(reason: CancelReason) -> usize {
     }
 }
 
-/// Outcome of [`CallState::begin_register`].
-#[must_use]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum BeginRegister {
-    /// This registrar alone may now write the callback cell.
-    Proceed,
-    /// Somebody registered (or is registering) already.
-    AlreadyRegistered,
-}
-
 /// Outcome of [`CallState::publish_registration`].
 #[must_use]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Published {
+    /// Somebody registered already: this registrar must not touch the cell.
+    AlreadyRegistered,
     /// Armed: a later cancel claims and runs the callback.
     Armed,
     /// Cancellation was decided first: the registrar runs the callback now,
@@ -276,29 +279,23 @@ impl CallState {
             .map(|_| Snapshot(new))
     }
 
-    /// First step of a registration: become *the* registrar.
+    /// A registration: become *the* registrar, in one RMW.
     ///
-    /// Ordering: `Relaxed` is enough; the RMW's atomicity alone makes one
-    /// registrar win, and a loser touches nothing. The cell write that follows
-    /// is published by [`CallState::publish_registration`].
-    pub(crate) fn begin_register(&self) -> BeginRegister {
-        let prev = self.word.fetch_or(REGISTERING, Ordering::Relaxed);
-        debug_assert!(prev & OCCUPIED != 0 && prev & COMPLETED == 0);
-        if prev & REGISTERING != 0 {
-            BeginRegister::AlreadyRegistered
-        } else {
-            BeginRegister::Proceed
-        }
-    }
-
-    /// Second step: the cell is written; publish it.
-    ///
-    /// Ordering: `AcqRel`. Release publishes the cell (pair 1); a cancel that
-    /// came first is seen by this very RMW, and then no canceller claimed.
+    /// Ordering: `AcqRel`. Acquire: a cancel decided first is seen here, and
+    /// then no canceller claimed (the registrar runs the callback inline).
+    /// Release: a canceller that claims after us is ordered after this; it
+    /// still waits for the registration bytes through the slot's vtable
+    /// pointer (pair 1).
     pub(crate) fn publish_registration(&self) -> Published {
         let prev = Snapshot(self.word.fetch_or(REGISTERED, Ordering::AcqRel));
-        debug_assert!(prev.has(REGISTERING) && !prev.has(REGISTERED) && !prev.has(CLAIMED));
+        debug_assert!(prev.is_occupied() && !prev.is_completed());
+        if prev.is_registered() {
+            return Published::AlreadyRegistered;
+        }
+        debug_assert!(!prev.has(CLAIMED));
         match prev.reason() {
+            // Mutant (ci/mutants.sh): forget a cancel that came first.
+            Some(_) if cfg!(callcancel_mutant = "no_inline_run") => Published::Armed,
             Some(reason) => Published::RunInline(reason),
             None => Published::Armed,
         }
@@ -337,11 +334,12 @@ impl CallState {
 
     /// The claimer's callback returned (or panicked).
     ///
-    /// Ordering: `AcqRel`: release hands the cell to an owner that completes
-    /// later (pair 2); acquire makes the owner's writes visible when the
-    /// owner completed first and the canceller now frees.
+    /// Ordering: `SeqCst` (at least `AcqRel`): release hands the cell to an
+    /// owner that completes later (pair 2); acquire makes the owner's writes
+    /// visible when the owner completed first and the canceller now frees;
+    /// `SeqCst` for the idle-waiter check that a freer makes next.
     pub(crate) fn finish_cancel(&self) -> AfterCallback {
-        let prev = Snapshot(self.word.fetch_or(CB_DONE, Ordering::AcqRel));
+        let prev = Snapshot(self.word.fetch_or(CB_DONE, Ordering::SeqCst));
         debug_assert!(prev.has(CLAIMED) && !prev.has(CB_DONE));
         if prev.is_completed() {
             AfterCallback::CancellerFrees
@@ -352,13 +350,14 @@ impl CallState {
 
     /// The owner completes the call.
     ///
-    /// Ordering: the fast path is a `SeqCst` CAS straight to the next free
-    /// generation (it is also the release, see [`CallState::release`]). The
-    /// slow path is an `AcqRel` RMW pairing with `finish_cancel` (pair 2).
+    /// Ordering: the fast path (nothing registered, no waiter) is a `SeqCst`
+    /// CAS straight to the next free generation: completion and release in
+    /// one. Otherwise a `SeqCst` RMW sets `COMPLETED`, pairing with
+    /// `finish_cancel` (pair 2) and with the idle waiters (module docs).
     pub(crate) fn complete(&self) -> Completion {
         let cur = self.word.load(Ordering::Relaxed);
         debug_assert!(cur & OCCUPIED != 0 && cur & COMPLETED == 0);
-        if cur & (REGISTERING | REGISTERED | CLAIMED | WAITER | OVERFLOW) == 0 {
+        if cur & (REGISTERED | CLAIMED | WAITER | OVERFLOW) == 0 {
             let next = next_free(Snapshot(cur));
             if self
                 .word
@@ -368,25 +367,28 @@ impl CallState {
                 return Completion::Released;
             }
         }
-        let prev = Snapshot(self.word.fetch_or(COMPLETED, Ordering::AcqRel));
-        if prev.has(CLAIMED) && !prev.has(CB_DONE) {
+        let prev = Snapshot(self.word.fetch_or(COMPLETED, Ordering::SeqCst));
+        // Mutant (ci/mutants.sh): free while the callback still runs.
+        if prev.has(CLAIMED)
+            && !prev.has(CB_DONE)
+            && !cfg!(callcancel_mutant = "complete_ignores_claim")
+        {
             Completion::CancellerFrees
         } else {
             Completion::OwnerFrees { prev }
         }
     }
 
-    /// The last finisher hands the slot back: clear every flag and bump the
-    /// generation, in one `SeqCst` swap (pair 3, and the Dekker pair with
-    /// idle waiters).
+    /// The freer hands the slot back: clear every flag and bump the
+    /// generation with one `Release` store (pair 3). No RMW is needed: in the
+    /// finishing phase no other thread writes the word (module docs).
     pub(crate) fn release(&self) {
         let cur = Snapshot(self.word.load(Ordering::Relaxed));
         debug_assert!(
             cur.is_occupied() && cur.is_completed(),
             "release of {cur:?}"
         );
-        let prev = self.word.swap(next_free(cur), Ordering::SeqCst);
-        debug_assert_eq!(prev, cur.0, "slot word changed under its freer");
+        self.word.store(next_free(cur), Ordering::Release);
     }
 
     /// A `cancelled()` future or a [`CancelWatch`](crate::CancelWatch)
@@ -451,13 +453,13 @@ mod tests {
             s.request_cancel(occ.generation(), CancelReason::HostAbort),
             CancelOutcome::Skipped
         );
-        assert_eq!(s.begin_register(), BeginRegister::Proceed);
         assert_eq!(
             s.publish_registration(),
             Published::RunInline(CancelReason::ChannelFaulted)
         );
-        assert_eq!(s.begin_register(), BeginRegister::AlreadyRegistered);
+        assert_eq!(s.publish_registration(), Published::AlreadyRegistered);
         assert!(matches!(s.complete(), Completion::OwnerFrees { prev } if prev.is_registered()));
+        assert!(s.load(Ordering::Relaxed).is_finishing());
         s.release();
     }
 
@@ -465,18 +467,18 @@ mod tests {
     fn whoever_finishes_last_frees() {
         let s = CallState::new();
         let g = s.try_occupy().unwrap().generation();
-        assert_eq!(s.begin_register(), BeginRegister::Proceed);
         assert_eq!(s.publish_registration(), Published::Armed);
         assert!(matches!(
             s.request_cancel(g, CancelReason::HostAbort),
             CancelOutcome::Claimed { .. }
         ));
         assert_eq!(s.complete(), Completion::CancellerFrees);
+        assert!(!s.load(Ordering::Relaxed).is_finishing());
         assert_eq!(s.finish_cancel(), AfterCallback::CancellerFrees);
+        assert!(s.load(Ordering::Relaxed).is_finishing());
         s.release();
         // The other order: callback returns first, owner frees.
         let g = s.try_occupy().unwrap().generation();
-        assert_eq!(s.begin_register(), BeginRegister::Proceed);
         assert_eq!(s.publish_registration(), Published::Armed);
         assert!(matches!(
             s.request_cancel(g, CancelReason::HostAbort),
@@ -502,13 +504,13 @@ mod tests {
             s.request_cancel(g, CancelReason::HostAbort),
             CancelOutcome::Skipped
         );
-        assert_eq!(s.begin_register(), BeginRegister::Proceed);
         assert_eq!(s.publish_registration(), Published::Armed);
         assert!(matches!(s.complete(), Completion::OwnerFrees { prev } if prev.is_registered()));
         assert_eq!(
             s.request_cancel(g2, CancelReason::HostAbort),
             CancelOutcome::Skipped
         );
+        assert_eq!(s.announce_waiter(g2, WAITER), None);
         s.release();
     }
 }

@@ -42,7 +42,13 @@ pub(crate) mod epoch {
 }
 
 /// The single-waiter fast path of `OperationContext::cancelled()`.
+#[cfg(not(loom))]
 pub(crate) use atomic_waker::AtomicWaker;
+
+/// Under loom, a loom-visible copy of atomic-waker's state machine
+/// (`loom_waker.rs`), so loom explores the waiter protocol inside it.
+#[cfg(loom)]
+pub(crate) use crate::loom_waker::AtomicWaker;
 
 /// The host's channel-table snapshot.
 pub(crate) use arc_swap::ArcSwap;
@@ -99,4 +105,46 @@ pub(crate) fn thread_shard(n: usize) -> usize {
         }
         mine.get() % n
     })
+}
+
+/// Sleeps on `cv` for at most `dur` (a short re-check pause, woken early by a
+/// notification). Under loom, whose condvar ignores timeouts, it yields
+/// instead so that a model can make progress.
+pub(crate) fn pause_briefly<'a, T>(
+    cv: &Condvar,
+    m: &'a Mutex<T>,
+    guard: MutexGuard<'a, T>,
+    dur: std::time::Duration,
+) -> MutexGuard<'a, T> {
+    #[cfg(loom)]
+    {
+        let _ = (cv, dur);
+        drop(guard);
+        loom::thread::yield_now();
+        lock(m)
+    }
+    #[cfg(not(loom))]
+    let _ = m;
+    #[cfg(not(loom))]
+    match cv.wait_timeout(guard, dur) {
+        Ok((g, _)) => g,
+        Err(poisoned) => poisoned.into_inner().0,
+    }
+}
+
+/// Backs off while another thread finishes a step of a few instructions.
+pub(crate) fn spin_wait(spins: u32) {
+    #[cfg(loom)]
+    {
+        let _ = spins;
+        loom::thread::yield_now();
+    }
+    #[cfg(not(loom))]
+    {
+        if spins < 64 {
+            core::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
+        }
+    }
 }

@@ -92,6 +92,10 @@ impl WaitState {
         let announced = match self.parked {
             Parked::Primary => {
                 slot.waker.register(cx.waker());
+                // Mutant (ci/mutants.sh): drop the re-check.
+                if cfg!(callcancel_mutant = "no_waker_recheck") {
+                    return Poll::Pending;
+                }
                 // Re-check after registering: a wake that found no waker
                 // happened-before this load (atomic-waker's contract).
                 Some(slot.state.load(Ordering::Acquire))
