@@ -12,7 +12,7 @@ use crate::channel::ChannelShared;
 use crate::registry::Claimed;
 use crate::slot::{CallSlot, Prepared};
 use crate::state::{Completion, Published};
-use crate::sync::{Arc, Ordering};
+use crate::sync::Ordering;
 use crate::waiter::{CancelWatch, WaitState, Woken};
 use crate::{CancelReason, RegisterError, RegisterErrorKind};
 
@@ -22,15 +22,18 @@ use crate::{CancelReason, RegisterError, RegisterErrorKind};
 /// Reached through a [`Call`] (`Deref`). It is `Sync`: other threads may
 /// register, poll or cancel while the call runs.
 pub struct OperationContext {
-    channel: Arc<ChannelShared>,
+    /// Kept alive by the channel's keepalive reference while this call
+    /// occupies its slot (see `ChannelShared`); no per-call reference count.
+    channel: NonNull<ChannelShared>,
     slot: NonNull<CallSlot>,
     index: usize,
     generation: usize,
 }
 
-// SAFETY: `slot` points into the slab of `channel`, which this context keeps
-// alive; every access through it goes through the slot's atomics or through
-// the cell under the state-word protocol (`slot.rs`), which is thread-safe.
+// SAFETY: `channel` and `slot` stay valid while the call occupies its slot
+// (the channel's keepalive); every access through them goes through atomics,
+// mutexes, or the cell under the state-word protocol (`slot.rs`), all
+// thread-safe.
 unsafe impl Send for OperationContext {}
 // SAFETY: as above; `&OperationContext` only offers atomic operations and
 // registrations that the `REGISTERED` bit makes exclusive.
@@ -38,9 +41,15 @@ unsafe impl Sync for OperationContext {}
 
 impl OperationContext {
     fn slot(&self) -> &CallSlot {
-        // SAFETY: the slot lives in `self.channel`'s slab, which is kept
-        // alive by `self.channel` and never frees a segment before it drops.
+        // SAFETY: the slot lives in the channel's slab, which never frees a
+        // segment before the channel drops, and the channel is kept alive by
+        // its keepalive while this call occupies the slot (until `finish`).
         unsafe { self.slot.as_ref() }
+    }
+
+    fn channel(&self) -> &ChannelShared {
+        // SAFETY: as for `slot`: valid while this call occupies its slot.
+        unsafe { self.channel.as_ref() }
     }
 
     /// Registers the call's one cancel callback, with `state`; the state is
@@ -205,40 +214,43 @@ impl OperationContext {
     /// A `'static` handle on this call's cancellation, for a task that runs
     /// beside the call (see [`CancelWatch`]).
     pub fn watch(&self) -> CancelWatch {
-        CancelWatch::new(Arc::clone(&self.channel), self.slot, self.generation)
+        // SAFETY: this call occupies its slot, so the keepalive is held.
+        let channel = unsafe { ChannelShared::hold(self.channel.as_ptr()) };
+        CancelWatch::new(channel, self.slot, self.generation)
     }
 
     /// Completes the call: the owner's side of the free protocol.
+    ///
+    /// Nothing here touches the channel or the slot after the release store
+    /// except through `held`, a temporary strong reference taken only when
+    /// the release leaves duties (idle waiters, an orphaned channel).
     fn finish(&self) {
         let slot = self.slot();
-        match slot.state.complete() {
-            Completion::Released => {
-                self.channel.slab.note_released(self.index);
-                // The release was this SeqCst CAS itself: check for idle
-                // waiters after it (the Dekker pair in host.rs).
-                if self.channel.host.idle_watched() {
-                    self.channel.host.notify_idle();
-                }
-            }
-            Completion::CancellerFrees => {}
-            Completion::OwnerFrees { prev } => {
-                // Right after the freer-deciding SeqCst RMW (host.rs).
-                let notify = self.channel.host.idle_watched();
-                // Watches still parked learn that the call finished.
-                self.channel.wake_waiters(slot, prev);
-                let panic = if prev.is_registered() {
-                    // SAFETY: `complete` returned `OwnerFrees`: we are the
-                    // freer of this generation.
-                    unsafe { slot.free_registration(prev.is_cancelled()) }
-                } else {
-                    None
-                };
-                self.channel.release(slot, Some(self.index), notify);
-                if let Some(panic) = panic {
-                    if !std::thread::panicking() {
-                        std::panic::resume_unwind(panic);
-                    }
-                }
+        let channel = self.channel();
+        let Completion::OwnerFrees { prev } = slot.state.complete() else {
+            // A canceller's callback still runs: it frees and releases.
+            return;
+        };
+        // Right after the freer-deciding SeqCst RMW (host.rs, channel.rs).
+        let after = channel.after_release_duties();
+        // Watches still parked learn that the call finished.
+        channel.wake_waiters(slot, prev);
+        let panic = if prev.is_registered() {
+            // SAFETY: `complete` returned `OwnerFrees`: we are the freer of
+            // this generation.
+            unsafe { slot.free_registration(prev.is_cancelled()) }
+        } else {
+            None
+        };
+        // SAFETY: we still occupy the slot, so the keepalive is held.
+        let held = after
+            .any()
+            .then(|| unsafe { ChannelShared::hold(self.channel.as_ptr()) });
+        channel.release(slot, Some(self.index), after);
+        drop(held);
+        if let Some(panic) = panic {
+            if !std::thread::panicking() {
+                std::panic::resume_unwind(panic);
             }
         }
     }
@@ -263,10 +275,10 @@ pub struct Call {
 }
 
 impl Call {
-    pub(crate) fn new(channel: Arc<ChannelShared>, claimed: Claimed) -> Self {
+    pub(crate) fn new(channel: &ChannelShared, claimed: Claimed) -> Self {
         Self {
             ctx: OperationContext {
-                channel,
+                channel: NonNull::from(channel),
                 slot: claimed.slot,
                 index: claimed.index,
                 generation: claimed.generation,
@@ -329,7 +341,10 @@ impl Future for Cancelled<'_> {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<CancelReason> {
         let this = &mut *self;
         let ctx = this.ctx;
-        match this.wait.poll(&ctx.channel, ctx.slot(), ctx.generation, cx) {
+        match this
+            .wait
+            .poll(ctx.channel(), ctx.slot(), ctx.generation, cx)
+        {
             Poll::Ready(Woken::Cancelled(reason)) => Poll::Ready(reason),
             // The future borrows the call, so the call cannot have completed.
             Poll::Ready(Woken::Finished) => unreachable!("call completed under a borrow"),
@@ -340,7 +355,7 @@ impl Future for Cancelled<'_> {
 
 impl Drop for Cancelled<'_> {
     fn drop(&mut self) {
-        self.wait.unpark(&self.ctx.channel);
+        self.wait.unpark(self.ctx.channel());
     }
 }
 

@@ -1,13 +1,14 @@
 //! Channels: a slab of calls, a fault flag, and the sweep that cancels them.
 
 use core::fmt;
+use core::ptr;
 
 use crate::call::Call;
 use crate::host::HostCore;
 use crate::registry::{Slab, TableEntry};
 use crate::slot::{CallSlot, Panic};
 use crate::state::{AfterCallback, CancelOutcome, Snapshot, OVERFLOW, WAITER};
-use crate::sync::{lock, Arc, AtomicU8, Mutex, Ordering};
+use crate::sync::{lock, Arc, AtomicPtr, AtomicU8, AtomicUsize, Mutex, Ordering};
 use crate::{CancelReason, Error};
 
 /// The first panic caught during a sweep; later ones are dropped (A4).
@@ -47,8 +48,37 @@ pub(crate) struct Overflow {
 
 /// The shared state behind [`Channel`] handles and the calls on them. Host-scope
 /// calls use a few internal channels ("shards") that are never faulted.
+///
+/// # Lifetime without a per-call reference count
+///
+/// A call does not clone an `Arc` of its channel (two RMWs on a line shared
+/// by every call of the channel). Instead the channel holds a strong
+/// reference to itself, `keepalive`, on behalf of all its calls, and a count
+/// of `Channel` handles (plus one held by the host for a shard). Once there
+/// are no handles ("orphaned") *and* no occupied slot, `try_dispose` drops
+/// the keepalive, exactly once (a swap). It runs:
+///
+/// * when the last handle drops (its census finds no call in flight);
+/// * in the thread that frees a call, if it saw the channel orphaned right
+///   after its deciding `SeqCst` RMW (it holds a temporary `Arc` across the
+///   release so it can look after it);
+/// * in every pass over the host's channel table (`in_flight`, `wait_idle`,
+///   `abort`, `open_channel`'s scan), which collects the one case the two
+///   above can miss: the last handle dropped while a call was in its
+///   finishing phase, after that call's freer had looked (the same `SeqCst`
+///   argument as for idle waiters, `host.rs`).
+///
+/// A call's raw pointer to its channel is valid because `try_dispose` only
+/// drops the keepalive when the census sees every slot free, and a call's
+/// freer touches the channel after its release store only through its
+/// temporary `Arc`.
 pub(crate) struct ChannelShared {
     pub(crate) slab: Slab,
+    /// `Channel` handles (plus the host's, for a shard). Zero is final.
+    handles: AtomicUsize,
+    /// `Arc::into_raw` of this channel, held for its calls; null once
+    /// disposed.
+    keepalive: AtomicPtr<ChannelShared>,
     /// `1` once faulted. Set by a `SeqCst` swap before the fault sweep; read
     /// `SeqCst` by `begin_call`'s re-check (the R4 Dekker pair, `state.rs`).
     faulted: AtomicU8,
@@ -60,14 +90,72 @@ pub(crate) struct ChannelShared {
 }
 
 impl ChannelShared {
-    pub(crate) fn new(host: Arc<HostCore>, table: Option<TableEntry>) -> Self {
-        Self {
+    /// A new channel with one handle (the caller's).
+    pub(crate) fn new(host: Arc<HostCore>, table: Option<TableEntry>) -> Arc<Self> {
+        let channel = Arc::new(Self {
             slab: Slab::new(),
+            handles: AtomicUsize::new(1),
+            keepalive: AtomicPtr::new(ptr::null_mut()),
             faulted: AtomicU8::new(0),
             host,
             overflow: Mutex::new(Overflow::default()),
             table,
+        });
+        let raw = Arc::into_raw(Arc::clone(&channel)).cast_mut();
+        channel.keepalive.store(raw, Ordering::Release);
+        channel
+    }
+
+    /// A new handle.
+    pub(crate) fn add_handle(&self) {
+        // Ordering: Relaxed, like `Arc::clone`: the caller holds a handle.
+        self.handles.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A handle went away; the last one disposes the channel if idle.
+    pub(crate) fn drop_handle(&self) {
+        // Ordering: SeqCst, pairing with the freer's `is_orphaned` load after
+        // its SeqCst RMW (see the type docs).
+        if self.handles.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.try_dispose();
         }
+    }
+
+    /// Whether every handle is gone. Read by a freer right after its
+    /// deciding `SeqCst` RMW.
+    pub(crate) fn is_orphaned(&self) -> bool {
+        self.handles.load(Ordering::SeqCst) == 0
+    }
+
+    /// Drops the calls' keepalive reference if the channel is orphaned and no
+    /// call is in flight. The caller must hold a strong reference of its own.
+    pub(crate) fn try_dispose(&self) {
+        if !self.is_orphaned() || self.slab.census().occupied != 0 {
+            return;
+        }
+        let raw = self.keepalive.swap(ptr::null_mut(), Ordering::AcqRel);
+        if !raw.is_null() {
+            // SAFETY: `raw` came from `Arc::into_raw` in `new`; the swap made
+            // us its only owner. The caller's own reference keeps `self`
+            // alive past this drop.
+            drop(unsafe { Arc::from_raw(raw) });
+        }
+    }
+
+    /// A temporary strong reference for a call's freer, who must look at the
+    /// channel after releasing its slot.
+    ///
+    /// # Safety
+    /// The caller's call still occupies its slot, so the keepalive is held.
+    pub(crate) unsafe fn hold(this: *const Self) -> Arc<Self> {
+        // SAFETY: per the contract the keepalive reference is alive, so the
+        // strong count is at least one and `this` came from `Arc::into_raw`
+        // (the keepalive's own pointer).
+        unsafe {
+            Arc::increment_strong_count(this);
+        }
+        // SAFETY: the increment above is the reference we now own.
+        unsafe { Arc::from_raw(this) }
     }
 
     pub(crate) fn publish_in_table(self: &Arc<Self>) {
@@ -89,11 +177,11 @@ impl ChannelShared {
     }
 
     /// Starts a call on this channel (or shard).
-    pub(crate) fn begin_call(self: &Arc<Self>) -> Result<Call, Error> {
+    pub(crate) fn begin_call(&self) -> Result<Call, Error> {
         // Cheap early refusal; the SeqCst re-check below is what R4 relies on.
         self.check(Ordering::Acquire)?;
         let claimed = self.slab.claim();
-        let call = Call::new(Arc::clone(self), claimed);
+        let call = Call::new(self, claimed);
         // Ordering: SeqCst re-check after the SeqCst `try_occupy`: either we
         // see the abort/fault flag, or its sweep sees our slot (state.rs).
         // Mutant (ci/mutants.sh): skip the re-check.
@@ -148,11 +236,13 @@ impl ChannelShared {
                     AfterCallback::OwnerFrees => {}
                     AfterCallback::CancellerFrees => {
                         // Right after the freer-deciding SeqCst RMW (host.rs).
-                        let notify = self.host.idle_watched();
+                        let after = self.after_release_duties();
                         // SAFETY: `finish_cancel` returned `CancellerFrees`:
                         // the owner completed and left the freeing to us.
                         panics.record(unsafe { slot.free_registration(true) });
-                        self.release(slot, None, notify);
+                        // The sweeper holds an `Arc` of this channel, so it
+                        // may look after it past the release.
+                        self.release(slot, None, after);
                     }
                 }
             }
@@ -180,21 +270,49 @@ impl ChannelShared {
         }
     }
 
-    /// Hands a finished slot back. `index` (when the caller knows it)
-    /// becomes the slab's hint for the next `begin_call`; `notify` is what the
-    /// freer read from the idle-waiter count right after its deciding RMW.
-    pub(crate) fn release(&self, slot: &CallSlot, index: Option<usize>, notify: bool) {
+    /// What a freer must do after its release; read right after its
+    /// deciding `SeqCst` RMW (the Dekker pairs with idle waiters and with the
+    /// last handle's drop: `host.rs` and the type docs).
+    pub(crate) fn after_release_duties(&self) -> AfterRelease {
+        AfterRelease {
+            notify_idle: self.host.idle_watched(),
+            dispose: self.is_orphaned(),
+        }
+    }
+
+    /// Hands a finished slot back. `index` (when the caller knows it) becomes
+    /// the slab's hint for the next `begin_call`. The caller must hold a
+    /// strong reference if `after` asks for any duty (see
+    /// [`ChannelShared::hold`]).
+    pub(crate) fn release(&self, slot: &CallSlot, index: Option<usize>, after: AfterRelease) {
         if let Some(index) = index {
             self.slab.note_released(index);
         }
         slot.state.release();
-        if notify {
+        if after.notify_idle {
             self.host.notify_idle();
+        }
+        if after.dispose {
+            self.try_dispose();
         }
     }
 
     pub(crate) fn in_flight(&self) -> usize {
         self.slab.census().occupied
+    }
+}
+
+/// Duties of a freer after its release (see
+/// [`ChannelShared::after_release_duties`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AfterRelease {
+    pub(crate) notify_idle: bool,
+    pub(crate) dispose: bool,
+}
+
+impl AfterRelease {
+    pub(crate) fn any(self) -> bool {
+        self.notify_idle || self.dispose
     }
 }
 
@@ -230,12 +348,27 @@ impl Drop for ChannelShared {
 /// call.complete();
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
-#[derive(Clone)]
 pub struct Channel {
     shared: Arc<ChannelShared>,
 }
 
+impl Clone for Channel {
+    fn clone(&self) -> Self {
+        self.shared.add_handle();
+        Self {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl Drop for Channel {
+    fn drop(&mut self) {
+        self.shared.drop_handle();
+    }
+}
+
 impl Channel {
+    /// Wraps a new channel's first handle.
     pub(crate) fn new(shared: Arc<ChannelShared>) -> Self {
         Self { shared }
     }
@@ -288,5 +421,101 @@ impl fmt::Debug for Channel {
             .field("faulted", &self.is_faulted())
             .field("in_flight", &self.in_flight())
             .finish()
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use crate::sync::{Arc, Weak};
+    use crate::ServiceHost;
+
+    fn weak_of(channel: &super::Channel) -> Weak<super::ChannelShared> {
+        Arc::downgrade(&channel.shared)
+    }
+
+    #[test]
+    fn a_channel_is_freed_when_its_last_handle_and_call_are_gone() {
+        let host = ServiceHost::new();
+        // Call completes first, then the handles go.
+        let ch = host.open_channel().unwrap();
+        let ch2 = ch.clone();
+        let weak = weak_of(&ch);
+        ch.begin_call().unwrap().complete();
+        drop(ch);
+        assert!(weak.upgrade().is_some(), "a handle is left");
+        drop(ch2);
+        assert!(weak.upgrade().is_none(), "disposed with its last handle");
+
+        // Handles go first, then the call completes: its freer disposes.
+        let ch = host.open_channel().unwrap();
+        let weak = weak_of(&ch);
+        let call = ch.begin_call().unwrap();
+        call.register_for_cancel(7u64, |_, _| {}).unwrap();
+        drop(ch);
+        assert!(weak.upgrade().is_some(), "the call keeps it alive");
+        assert_eq!(host.in_flight(), 1);
+        call.complete();
+        assert!(
+            weak.upgrade().is_none(),
+            "disposed by the last call's freer"
+        );
+        assert_eq!(host.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_canceller_that_frees_disposes_an_orphaned_channel() {
+        let host = ServiceHost::new();
+        let ch = host.open_channel().unwrap();
+        let weak = weak_of(&ch);
+        let call = ch.begin_call().unwrap();
+        let (entered_tx, entered_rx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        call.register_for_cancel((), move |_, _| {
+            entered_tx.send(()).unwrap();
+            go_rx.recv().unwrap();
+        })
+        .unwrap();
+        let aborter = {
+            let host = host.clone();
+            std::thread::spawn(move || host.abort())
+        };
+        entered_rx.recv().unwrap();
+        call.complete(); // the callback runs: the canceller will free
+        drop(ch);
+        assert!(weak.upgrade().is_some());
+        go_tx.send(()).unwrap();
+        aborter.join().unwrap();
+        assert!(
+            weak.upgrade().is_none(),
+            "the canceller's release disposed it"
+        );
+    }
+
+    #[test]
+    fn host_scope_calls_outlive_a_dropped_host_and_free_their_shard() {
+        let host = ServiceHost::new();
+        let call = host.begin_call().unwrap();
+        let freed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let f = Arc::clone(&freed);
+        call.register_for_cancel_with_free(
+            (),
+            |_, _| {},
+            move |_| {
+                f.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            },
+        )
+        .unwrap();
+        let shards: Vec<_> = host.shared_shards().iter().map(Arc::downgrade).collect();
+        drop(host);
+        assert!(
+            shards.iter().any(|w| w.upgrade().is_some()),
+            "the call's shard lives"
+        );
+        call.complete();
+        assert_eq!(freed.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(
+            shards.iter().all(|w| w.upgrade().is_none()),
+            "every shard freed"
+        );
     }
 }

@@ -127,8 +127,13 @@ pub(crate) struct HostShared {
 }
 
 impl HostShared {
+    /// Every channel and shard. Also collects orphaned, idle channels whose
+    /// disposal no freer could do (see `ChannelShared`).
     fn for_each_channel(&self, mut f: impl FnMut(&Arc<ChannelShared>)) {
-        self.table.for_each(&mut f);
+        self.table.for_each(|ch| {
+            f(ch);
+            ch.try_dispose();
+        });
         self.shards.iter().for_each(f);
     }
 
@@ -269,6 +274,16 @@ pub struct ServiceHost {
     shared: Arc<HostShared>,
 }
 
+impl Drop for HostShared {
+    fn drop(&mut self) {
+        // Give up the host's handle on each shard: an idle shard is disposed
+        // now, a busy one by the freer of its last call.
+        self.shards.iter().for_each(|shard| shard.drop_handle());
+        // Collect channels left orphaned and idle.
+        self.table.for_each(|ch| ch.try_dispose());
+    }
+}
+
 impl Default for ServiceHost {
     fn default() -> Self {
         Self::new()
@@ -280,7 +295,8 @@ impl ServiceHost {
     pub fn new() -> Self {
         let core = Arc::new(HostCore::new());
         let shards = (0..shard_count())
-            .map(|_| Arc::new(ChannelShared::new(Arc::clone(&core), None)))
+            // Each shard starts with one handle: the host's (see `Drop`).
+            .map(|_| ChannelShared::new(Arc::clone(&core), None))
             .collect();
         Self {
             shared: Arc::new(HostShared {
@@ -299,12 +315,14 @@ impl ServiceHost {
         let core = &self.shared.core;
         core.check_accepting(Ordering::Acquire)?;
         let entry = self.shared.table.reserve();
-        let shared = Arc::new(ChannelShared::new(Arc::clone(core), Some(entry)));
+        let shared = ChannelShared::new(Arc::clone(core), Some(entry));
         shared.publish_in_table();
+        let channel = Channel::new(shared);
         // A channel that slipped in beside an abort holds no call yet; its
         // `begin_call` re-checks the host state, so nothing can be lost.
+        // (On `Err`, dropping `channel` disposes of it.)
         core.check_accepting(Ordering::SeqCst)?;
-        Ok(Channel::new(shared))
+        Ok(channel)
     }
 
     /// Starts a host-scope call: one that belongs to no channel (WWSAPI: a host
@@ -387,6 +405,13 @@ impl ServiceHost {
             host: Arc::clone(&self.shared),
             id: None,
         }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+impl ServiceHost {
+    pub(crate) fn shared_shards(&self) -> &[Arc<ChannelShared>] {
+        &self.shared.shards
     }
 }
 

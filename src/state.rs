@@ -235,8 +235,6 @@ pub(crate) enum AfterCallback {
 #[must_use]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Completion {
-    /// Nothing was registered and the slot is already released (fast path).
-    Released,
     /// The owner frees the registered state (if `prev` is registered), wakes
     /// the waiters `prev` names, then calls [`CallState::release`].
     OwnerFrees { prev: Snapshot },
@@ -350,23 +348,13 @@ impl CallState {
 
     /// The owner completes the call.
     ///
-    /// Ordering: the fast path (nothing registered, no waiter) is a `SeqCst`
-    /// CAS straight to the next free generation: completion and release in
-    /// one. Otherwise a `SeqCst` RMW sets `COMPLETED`, pairing with
-    /// `finish_cancel` (pair 2) and with the idle waiters (module docs).
+    /// Ordering: one `SeqCst` RMW sets `COMPLETED`, pairing with
+    /// `finish_cancel` (pair 2), and with the idle waiters and the last
+    /// channel handle (module docs). The freer's `release` is a plain store,
+    /// and nothing touches the channel after it without a reference of its
+    /// own: so even a call with nothing registered is not released by this
+    /// RMW itself.
     pub(crate) fn complete(&self) -> Completion {
-        let cur = self.word.load(Ordering::Relaxed);
-        debug_assert!(cur & OCCUPIED != 0 && cur & COMPLETED == 0);
-        if cur & (REGISTERED | CLAIMED | WAITER | OVERFLOW) == 0 {
-            let next = next_free(Snapshot(cur));
-            if self
-                .word
-                .compare_exchange(cur, next, Ordering::SeqCst, Ordering::Relaxed)
-                .is_ok()
-            {
-                return Completion::Released;
-            }
-        }
         let prev = Snapshot(self.word.fetch_or(COMPLETED, Ordering::SeqCst));
         // Mutant (ci/mutants.sh): free while the callback still runs.
         if prev.has(CLAIMED)
@@ -435,7 +423,8 @@ mod tests {
         let s = CallState::new();
         let occ = s.try_occupy().unwrap();
         assert!(s.try_occupy().is_none());
-        assert_eq!(s.complete(), Completion::Released);
+        assert!(matches!(s.complete(), Completion::OwnerFrees { prev } if !prev.is_registered()));
+        s.release();
         let next = s.load(Ordering::Relaxed);
         assert!(!next.is_occupied());
         assert_eq!(next.generation(), occ.generation() + 1);
@@ -493,11 +482,12 @@ mod tests {
     fn stale_generation_and_completed_calls_are_skipped() {
         let s = CallState::new();
         let g = s.try_occupy().unwrap().generation();
-        assert_eq!(s.complete(), Completion::Released);
+        assert!(matches!(s.complete(), Completion::OwnerFrees { .. }));
         assert_eq!(
             s.request_cancel(g, CancelReason::HostAbort),
             CancelOutcome::Skipped
         );
+        s.release();
         let g2 = s.try_occupy().unwrap().generation();
         assert_ne!(g, g2);
         assert_eq!(
