@@ -318,12 +318,16 @@ impl TableEntry {
 /// The host's table of channels. See the module docs.
 pub(crate) struct ChannelTable {
     chunks: ArcSwap<Vec<Arc<TableChunk>>>,
+    /// The chunk where the last reservation succeeded: the next scan starts
+    /// there (and wraps), so opening many channels stays linear overall.
+    cursor: AtomicUsize,
 }
 
 impl ChannelTable {
     pub(crate) fn new() -> Self {
         Self {
             chunks: ArcSwap::from_pointee(Vec::new()),
+            cursor: AtomicUsize::new(0),
         }
     }
 
@@ -331,7 +335,10 @@ impl ChannelTable {
     pub(crate) fn reserve(&self) -> TableEntry {
         loop {
             let chunks = self.chunks.load_full();
-            for chunk in chunks.iter() {
+            let n = chunks.len();
+            let start = self.cursor.load(Ordering::Relaxed).min(n);
+            for pos in (start..n).chain(0..start) {
+                let chunk = &chunks[pos];
                 for (index, entry) in chunk.entries.iter().enumerate() {
                     if entry.load(Ordering::Relaxed).is_null()
                         && entry
@@ -343,6 +350,9 @@ impl ChannelTable {
                             )
                             .is_ok()
                     {
+                        if pos != start {
+                            self.cursor.store(pos, Ordering::Relaxed);
+                        }
                         return TableEntry {
                             chunk: Arc::clone(chunk),
                             index,
@@ -359,6 +369,7 @@ impl ChannelTable {
                 }
                 next
             });
+            self.cursor.store(seen, Ordering::Relaxed);
         }
     }
 
