@@ -8,7 +8,7 @@ use core::pin::Pin;
 use core::ptr::NonNull;
 use core::task::{Context, Poll};
 
-use crate::channel::ChannelShared;
+use crate::channel::{ChannelShared, FirstPanic};
 use crate::registry::Claimed;
 use crate::slot::{CallSlot, Prepared};
 use crate::state::{Completion, Published};
@@ -233,22 +233,23 @@ impl OperationContext {
         };
         // Right after the freer-deciding SeqCst RMW (host.rs, channel.rs).
         let after = channel.after_release_duties();
-        // Watches still parked learn that the call finished.
-        channel.wake_waiters(slot, prev);
-        let panic = if prev.is_registered() {
+        // Watches still parked learn that the call finished. Panics of user
+        // code (a waker, the free-state) are caught so the call is always
+        // freed and released; the first is re-raised at the end.
+        let mut panics = FirstPanic::default();
+        panics.record(channel.wake_waiters(slot, prev));
+        if prev.is_registered() {
             // SAFETY: `complete` returned `OwnerFrees`: we are the freer of
             // this generation.
-            unsafe { slot.free_registration(prev.is_cancelled()) }
-        } else {
-            None
-        };
+            panics.record(unsafe { slot.free_registration(prev.is_cancelled()) });
+        }
         // SAFETY: we still occupy the slot, so the keepalive is held.
         let held = after
             .any()
             .then(|| unsafe { ChannelShared::hold(self.channel.as_ptr()) });
-        channel.release(slot, Some(self.index), after);
+        panics.record(channel.release(slot, Some(self.index), after));
         drop(held);
-        if let Some(panic) = panic {
+        if let Some(panic) = panics.into_inner() {
             if !std::thread::panicking() {
                 std::panic::resume_unwind(panic);
             }

@@ -6,7 +6,7 @@ use core::ptr;
 use crate::call::Call;
 use crate::host::HostCore;
 use crate::registry::{Slab, TableEntry};
-use crate::slot::{CallSlot, Panic};
+use crate::slot::{catch, CallSlot, Panic};
 use crate::state::{AfterCallback, CancelOutcome, Snapshot, OVERFLOW, WAITER};
 use crate::sync::{lock, Arc, AtomicPtr, AtomicU8, AtomicUsize, Mutex, Ordering};
 use crate::{CancelReason, Error};
@@ -20,6 +20,10 @@ impl FirstPanic {
         if self.0.is_none() {
             self.0 = p;
         }
+    }
+
+    pub(crate) fn into_inner(self) -> Option<Panic> {
+        self.0
     }
 
     /// Re-raises the recorded panic, if any, once the sweep is over.
@@ -226,9 +230,9 @@ impl ChannelShared {
     ) {
         match slot.state.request_cancel(gen, reason) {
             CancelOutcome::Skipped => {}
-            CancelOutcome::Marked { wake } => self.wake_waiters(slot, wake),
+            CancelOutcome::Marked { wake } => panics.record(self.wake_waiters(slot, wake)),
             CancelOutcome::Claimed { wake } => {
-                self.wake_waiters(slot, wake);
+                panics.record(self.wake_waiters(slot, wake));
                 // SAFETY: `request_cancel` returned `Claimed`: this thread
                 // alone may run the callback until `finish_cancel`.
                 panics.record(unsafe { slot.run_callback(reason) });
@@ -242,7 +246,7 @@ impl ChannelShared {
                         panics.record(unsafe { slot.free_registration(true) });
                         // The sweeper holds an `Arc` of this channel, so it
                         // may look after it past the release.
-                        self.release(slot, None, after);
+                        panics.record(self.release(slot, None, after));
                     }
                 }
             }
@@ -251,9 +255,14 @@ impl ChannelShared {
 
     /// Wakes the waiters of a slot whose cancellation (or completion) we just
     /// decided; `seen` is the state our winning RMW replaced (`waiter.rs`).
-    pub(crate) fn wake_waiters(&self, slot: &CallSlot, seen: Snapshot) {
+    ///
+    /// A waker whose `wake` panics is caught, so the caller can finish its
+    /// protocol step; the first such panic is returned for re-raising.
+    #[must_use]
+    pub(crate) fn wake_waiters(&self, slot: &CallSlot, seen: Snapshot) -> Option<Panic> {
+        let mut first = FirstPanic::default();
         if seen.has(WAITER) {
-            slot.waker.wake();
+            first.record(catch(|| slot.waker.wake()));
         }
         if seen.has(OVERFLOW) {
             let wakers: Vec<_> = {
@@ -266,8 +275,11 @@ impl ChannelShared {
                 mine
             };
             // Wake outside the lock: a waker may run arbitrary code.
-            wakers.into_iter().for_each(|w| w.waker.wake());
+            for w in wakers {
+                first.record(catch(|| w.waker.wake()));
+            }
         }
+        first.into_inner()
     }
 
     /// What a freer must do after its release; read right after its
@@ -284,17 +296,27 @@ impl ChannelShared {
     /// the slab's hint for the next `begin_call`. The caller must hold a
     /// strong reference if `after` asks for any duty (see
     /// [`ChannelShared::hold`]).
-    pub(crate) fn release(&self, slot: &CallSlot, index: Option<usize>, after: AfterRelease) {
+    /// Returns the first panic of an idle waiter's waker, if any.
+    #[must_use]
+    pub(crate) fn release(
+        &self,
+        slot: &CallSlot,
+        index: Option<usize>,
+        after: AfterRelease,
+    ) -> Option<Panic> {
         if let Some(index) = index {
             self.slab.note_released(index);
         }
         slot.state.release();
-        if after.notify_idle {
-            self.host.notify_idle();
-        }
+        let panic = if after.notify_idle {
+            self.host.notify_idle()
+        } else {
+            None
+        };
         if after.dispose {
             self.try_dispose();
         }
+        panic
     }
 
     pub(crate) fn in_flight(&self) -> usize {

@@ -39,6 +39,7 @@ use std::time::{Duration, Instant};
 use crate::call::Call;
 use crate::channel::{Channel, ChannelShared, FirstPanic};
 use crate::registry::{Census, ChannelTable};
+use crate::slot::{catch, Panic};
 use crate::sync::{
     lock, pause_briefly, thread_shard, Arc, AtomicU8, AtomicUsize, Condvar, Mutex, Ordering,
 };
@@ -99,14 +100,20 @@ impl HostCore {
         self.idle_waiters.0.load(Ordering::SeqCst) != 0
     }
 
-    /// Wakes every idle waiter so it takes a new census.
-    pub(crate) fn notify_idle(&self) {
+    /// Wakes every idle waiter so it takes a new census. A waker that
+    /// panics does not stop the others; the first panic is returned.
+    #[must_use]
+    pub(crate) fn notify_idle(&self) -> Option<Panic> {
         let wakers = {
             let mut idle = lock(&self.idle);
             self.idle_cv.notify_all();
             core::mem::take(&mut idle.wakers)
         };
-        wakers.into_iter().for_each(|(_, w)| w.wake());
+        let mut first = FirstPanic::default();
+        for (_, w) in wakers {
+            first.record(catch(|| w.wake()));
+        }
+        first.into_inner()
     }
 }
 

@@ -301,9 +301,11 @@ impl CallState {
 
     /// A canceller (abort or fault sweep) asks to cancel generation `gen`.
     ///
-    /// Ordering: `AcqRel` on success: acquire pairs with
-    /// `publish_registration` (pair 1) so a claimer sees the callback;
-    /// release publishes `CANCELLED` to `is_cancelled()` and to the registrar.
+    /// Ordering: `AcqRel` on success. Acquire: a claimer is ordered after the
+    /// registrar's RMW (it still waits for the registration bytes through the
+    /// slot's vtable pointer, pair 1). Release: publishes `CANCELLED` (and
+    /// everything the canceller did before) to `is_cancelled()`, to
+    /// `cancelled()` and to a registrar that will run the callback inline.
     pub(crate) fn request_cancel(&self, gen: usize, reason: CancelReason) -> CancelOutcome {
         let mut cur = Snapshot(self.word.load(Ordering::Acquire));
         loop {
