@@ -121,6 +121,7 @@ impl ChannelShared {
         // Ordering: SeqCst, pairing with the freer's `is_orphaned` load after
         // its SeqCst RMW (see the type docs).
         if self.handles.fetch_sub(1, Ordering::SeqCst) == 1 {
+            crate::sync::dekker_fence();
             self.try_dispose();
         }
     }
@@ -128,6 +129,7 @@ impl ChannelShared {
     /// Whether every handle is gone. Read by a freer right after its
     /// deciding `SeqCst` RMW.
     pub(crate) fn is_orphaned(&self) -> bool {
+        crate::sync::dekker_fence();
         self.handles.load(Ordering::SeqCst) == 0
     }
 
@@ -192,6 +194,7 @@ impl ChannelShared {
         if cfg!(callcancel_mutant = "no_recheck") {
             return Ok(call);
         }
+        crate::sync::dekker_fence();
         if let Err(e) = self.check(Ordering::SeqCst) {
             drop(call);
             return Err(e);
@@ -203,6 +206,7 @@ impl ChannelShared {
     pub(crate) fn fault(&self) {
         // Ordering: SeqCst, first half of the R4 Dekker pair.
         self.faulted.swap(1, Ordering::SeqCst);
+        crate::sync::dekker_fence();
         let mut panics = FirstPanic::default();
         self.sweep(CancelReason::ChannelFaulted, &mut panics);
         panics.resume();

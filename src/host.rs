@@ -97,6 +97,7 @@ impl HostCore {
     /// deciding `SeqCst` RMW (the freer's half of the idle Dekker pair; see
     /// the module docs).
     pub(crate) fn idle_watched(&self) -> bool {
+        crate::sync::dekker_fence();
         self.idle_waiters.0.load(Ordering::SeqCst) != 0
     }
 
@@ -159,6 +160,7 @@ impl HostShared {
         let core = &self.core;
         // Ordering: SeqCst, the waiter's half of the idle Dekker pair.
         core.idle_waiters.0.fetch_add(1, Ordering::SeqCst);
+        crate::sync::dekker_fence();
         let mut guard = lock(&core.idle);
         let mut pause = FINISHING_PAUSE_MIN;
         let idle = loop {
@@ -209,6 +211,7 @@ impl HostShared {
         // Every abort sweeps, even a repeated or concurrent one, so that each
         // caller can rely on A1 when it returns. Sweeps skip calls that are
         // already cancelled, so a call's callback still runs at most once.
+        crate::sync::dekker_fence();
         let mut panics = FirstPanic::default();
         self.for_each_channel(|c| c.sweep(CancelReason::HostAbort, &mut panics));
         panics.resume();
@@ -324,6 +327,7 @@ impl ServiceHost {
         let entry = self.shared.table.reserve();
         let shared = ChannelShared::new(Arc::clone(core), Some(entry));
         shared.publish_in_table();
+        crate::sync::dekker_fence();
         let channel = Channel::new(shared);
         // A channel that slipped in beside an abort holds no call yet; its
         // `begin_call` re-checks the host state, so nothing can be lost.
@@ -449,6 +453,7 @@ impl Future for Idle {
         let id = *this.id.get_or_insert_with(|| {
             // Ordering: SeqCst, the waiter's half of the idle Dekker pair.
             core.idle_waiters.0.fetch_add(1, Ordering::SeqCst);
+            crate::sync::dekker_fence();
             idle.next_id += 1;
             idle.next_id
         });
@@ -460,6 +465,8 @@ impl Future for Idle {
         if census.finishing > 0 {
             // A finishing slot is released without a notification for us
             // (module docs): ask to be polled again.
+            drop(idle);
+            crate::sync::model_yield();
             cx.waker().wake_by_ref();
             return Poll::Pending;
         }

@@ -317,6 +317,8 @@ impl Drop for CallSlot {
         // A slot is dropped with its slab, when no call can be in flight (a
         // call holds its channel alive), so nothing is stored. Free any
         // leftover all the same, so nothing can leak.
+        #[cfg(loom)]
+        self.state.sync_before_drop();
         let leftover = !self.vtable.load(Ordering::Acquire).is_null();
         debug_assert!(!leftover, "slot dropped with a live registration");
         if leftover {

@@ -255,6 +255,17 @@ impl CallState {
         }
     }
 
+    /// Under loom only: an acquire RMW on the word before a slot is dropped.
+    /// The real synchronisation is the acquire fence in `Arc::drop_slow`
+    /// (the last `Arc<ChannelShared>` may be dropped by a sweeper), which
+    /// loom cannot see because `Arc` stays std's; the slot's last freer
+    /// released the word after its last cell access, so this RMW (which
+    /// reads the newest value) restores that edge for loom.
+    #[cfg(loom)]
+    pub(crate) fn sync_before_drop(&self) {
+        self.word.fetch_or(0, Ordering::Acquire);
+    }
+
     pub(crate) fn load(&self, order: Ordering) -> Snapshot {
         Snapshot(self.word.load(order))
     }

@@ -14,14 +14,24 @@
 //!   of the host state; the callback cell (`UnsafeCell`, so loom checks that
 //!   the registrar's write happens-before the canceller's read); the mutexes
 //!   and condition variable of the idle and overflow-waiter slow paths.
-//! * **Not seen (treated as linearizable black boxes):** `crossbeam_epoch`
-//!   (only used to defer releasing the host channel table's weak references),
-//!   `arc_swap` (the host channel-table snapshot) and `atomic_waker` (the
-//!   fast-path waker of `cancelled()`). Their own test suites (miri, TSan)
-//!   cover their internals; loom models of this crate check *our* protocol
-//!   assuming those primitives are correct. Loom-visible stand-ins are
-//!   tracked separately.
-//! * `Arc`/`Weak` stay std's: loom's `Arc` has no `Weak`.
+//! * **Seen through a stand-in:** `atomic_waker::AtomicWaker` is replaced
+//!   under loom by `loom_waker.rs`, a line-for-line copy of its state machine
+//!   on loom atomics (tokio keeps such a copy for the same reason).
+//! * **Seen only with `--cfg crossbeam_loom`:** `crossbeam_epoch` (it defers
+//!   releasing the host channel table's weak references). `ci/loom.sh` runs
+//!   a second pass with that cfg and crossbeam-epoch's `loom` feature, so
+//!   loom explores the real epoch code; a plain `--cfg loom` build treats it
+//!   as a black box.
+//! * **Not seen (a linearizable black box):** `arc_swap` (the host
+//!   channel-table snapshot, written only when the table grows). Its own
+//!   miri/TSan coverage stands for its internals.
+//! * `Arc`/`Weak` stay std's: loom's `Arc` has no `Weak`. Where the last
+//!   `Arc` drop is the only synchronisation loom would need to see, a
+//!   loom-only acquire RMW stands in (`CallState::sync_before_drop`).
+//! * loom treats `SeqCst` *accesses* as `AcqRel`; the protocol's Dekker
+//!   pairs rely on the single `SeqCst` order, so under loom a
+//!   `fence(SeqCst)` sits between the two accesses of each side
+//!   ([`dekker_fence`], a no-op in normal builds).
 
 #[cfg(not(loom))]
 pub(crate) use std::sync::atomic::{AtomicPtr, AtomicU8, AtomicUsize, Ordering};
@@ -34,6 +44,19 @@ pub(crate) use loom::sync::atomic::{AtomicPtr, AtomicU8, AtomicUsize, Ordering};
 pub(crate) use loom::sync::{Condvar, Mutex, MutexGuard};
 
 pub(crate) use std::sync::{Arc, Weak};
+
+/// Sits between the two `SeqCst` accesses of each side of a Dekker pair (R4:
+/// claim then re-check vs flag then sweep; idle: release then waiter check vs
+/// announce then count). A no-op in normal builds, where the accesses are
+/// `SeqCst` already. loom treats `SeqCst` *accesses* as `AcqRel` (loom README,
+/// "Unsupported features") and would report impossible store-buffering
+/// outcomes; it does model `fence(SeqCst)`, so under loom this fence restores
+/// the single total order the protocol relies on.
+#[inline(always)]
+pub(crate) fn dekker_fence() {
+    #[cfg(loom)]
+    loom::sync::atomic::fence(Ordering::SeqCst);
+}
 
 /// Epoch-based reclamation (crossbeam-epoch), used by the host's channel
 /// table: see `registry.rs`.
@@ -147,4 +170,12 @@ pub(crate) fn spin_wait(spins: u32) {
             std::thread::yield_now();
         }
     }
+}
+
+/// Lets a loom model schedule another thread before a busy re-poll (loom
+/// treats an unbounded re-poll as a spin loop); a no-op in normal builds.
+#[inline(always)]
+pub(crate) fn model_yield() {
+    #[cfg(loom)]
+    loom::thread::yield_now();
 }

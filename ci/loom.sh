@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# The loom models of loom-tests/, one by one, each timed, with its preemption
+# bound. Run from anywhere: `ci/loom.sh` (all models) or `ci/loom.sh FILTER`
+# (models whose name contains FILTER).
+#
+# Flags: `--cfg loom` (callcancel's atomics, cells, locks and its AtomicWaker
+# copy, src/loom_waker.rs, become loom's) and `-C debug-assertions` (the
+# library's impossible-state asserts are live).
+#
+# Two passes:
+# 1. every model with `--cfg loom`: crossbeam-epoch and arc-swap run as real,
+#    unmodelled code (each call is one atomic step to loom). Two-thread
+#    models run unbounded (exhaustive); three-thread models with
+#    LOOM_MAX_PREEMPTIONS=3 (every interleaving with at most 3 forced
+#    switches; bugs that need more preemptions are not explored).
+# 2. the models whose sweep walks the host's channel table again, adding
+#    `--cfg crossbeam_loom` (loom-tests turns on crossbeam-epoch's `loom`
+#    feature): crossbeam-epoch then runs on loom's atomics, so pinning,
+#    retiring and deferred reclamation are explored, not assumed. That
+#    multiplies the state space (register_vs_abort: 0.05 s unbounded without
+#    it, over 3 minutes unbounded with it), so this pass is bounded:
+#    register_vs_host_abort at 2 (1 s), channel_reclaimed_while_abort_sweeps
+#    at 1 (at 2 it took 218 s on a busy 2-core machine).
+# Each model is timed; a table is printed at the end. Total on 2 cores: two
+# loom builds (about 1.5-3 min each) plus a few minutes of models, inside the
+# 15-minute budget.
+set -euo pipefail
+IFS=$'\n\t'
+cd "$(dirname "$0")/.."
+
+filter=${1:-}
+base_dir=${CARGO_TARGET_DIR:-target/loom}
+base_flags="${RUSTFLAGS:-} --cfg loom -C debug-assertions"
+
+# pass file test bound ("-" = unbounded)
+models="
+loom register_vs_abort register_vs_host_abort -
+loom register_vs_abort register_vs_abort_vs_complete -
+loom register_vs_fault register_vs_channel_fault -
+loom abort_vs_fault abort_vs_fault_same_call 3
+loom cancel_vs_complete cancel_vs_complete_while_callback_runs -
+loom cancel_vs_complete complete_vs_abort -
+loom two_aborts two_aborts_at_once -
+loom begin_call_vs_abort begin_call_vs_host_abort -
+loom begin_call_vs_abort begin_call_vs_channel_fault -
+loom second_registration second_registration_vs_abort 3
+loom cancelled_future cancelled_future_vs_abort -
+loom cancelled_future two_cancelled_futures_vs_fault -
+loom idle wait_idle_vs_last_completion 3
+loom idle idle_future_vs_last_completion -
+loom abort_in_callback abort_in_callback_vs_fault 3
+loom reclaim channel_reclaimed_while_abort_sweeps -
+loom reclaim slot_reused_while_fault_sweeps -
+epoch register_vs_abort register_vs_host_abort 2
+epoch reclaim channel_reclaimed_while_abort_sweeps 1
+"
+
+t0=$SECONDS
+report=""
+failed=0
+IFS=$' \n\t'
+built=""
+while read -r pass file test bound; do
+  [[ -z $pass ]] && continue
+  [[ -n $filter && $test != *"$filter"* ]] && continue
+  if [[ $pass == epoch ]]; then
+    export RUSTFLAGS="$base_flags --cfg crossbeam_loom" CARGO_TARGET_DIR=$base_dir/epoch
+  else
+    export RUSTFLAGS="$base_flags" CARGO_TARGET_DIR=$base_dir
+  fi
+  if [[ $built != *"<$pass>"* ]]; then
+    b0=$SECONDS
+    cargo test --release -p callcancel-loom-tests --no-run
+    echo "::: loom build ($pass, RUSTFLAGS=$RUSTFLAGS): $((SECONDS - b0)) s"
+    built+="<$pass>"
+  fi
+  start=$(date +%s.%N)
+  if [[ $bound == - ]]; then
+    unset LOOM_MAX_PREEMPTIONS
+  else
+    export LOOM_MAX_PREEMPTIONS=$bound
+  fi
+  if cargo test -q --release -p callcancel-loom-tests --test "$file" -- --exact "$test"; then
+    status=ok
+  else
+    status=FAILED
+    failed=1
+  fi
+  secs=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
+  report+=$(printf '%-6s %-40s %-10s %8s s  %s' "$pass" "$test" "${bound/-/none}" "$secs" "$status")$'\n'
+done <<<"$models"
+unset LOOM_MAX_PREEMPTIONS
+
+echo
+printf '%-6s %-40s %-10s %10s  %s\n' pass model preemption time result
+printf '%s' "$report"
+echo "::: loom models: $((SECONDS - t0)) s in total"
+exit "$failed"

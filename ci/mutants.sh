@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Shows that the loom models bite: each deliberate bug (a `callcancel_mutant`
+# cfg hook in src/) is built under loom and the model that should catch it
+# is run; the model must FAIL. The script fails if any mutant survives (or
+# if a model fails on the unmutated code). Not part of .ci/run: each mutant
+# is a full loom rebuild (a minute or two on 2 cores).
+#
+# Hooks (file: function):
+#   no_inline_run          src/state.rs:   CallState::publish_registration forgets a
+#                                          cancel that came first (no inline run, R4)
+#   complete_ignores_claim src/state.rs:   CallState::complete frees while the
+#                                          claimed callback still runs (R3)
+#   relaxed_publish        src/slot.rs:    CallSlot::store_registration publishes the
+#                                          callback with Relaxed, not Release
+#   no_recheck             src/channel.rs: ChannelShared::begin_call skips the SeqCst
+#                                          re-check of the host/channel flags (R4)
+#   no_waker_recheck       src/waiter.rs:  WaitState::poll returns Pending right after
+#                                          registering the waker (lost wake-up)
+set -euo pipefail
+IFS=$'\n\t'
+cd "$(dirname "$0")/.."
+
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target/mutants}
+base="--cfg loom -C debug-assertions"
+
+# mutant file test
+mutants="
+no_inline_run register_vs_abort register_vs_host_abort
+complete_ignores_claim cancel_vs_complete cancel_vs_complete_while_callback_runs
+relaxed_publish register_vs_abort register_vs_host_abort
+no_recheck begin_call_vs_abort begin_call_vs_host_abort
+no_waker_recheck cancelled_future cancelled_future_vs_abort
+"
+
+run() { # flags file test -> exit status of the model, output in $out
+  local out
+  out=$(RUSTFLAGS="$1" cargo test -q --release -p callcancel-loom-tests --test "$2" -- --exact "$3" 2>&1)
+  local rc=$?
+  why=$(grep -m1 -E 'panicked|Causality|deadlock' -A1 <<<"$out" | tail -1 | cut -c1-70)
+  if grep -q -i deadlock <<<"$out"; then why="deadlock (lost wake-up)"; fi
+  return $rc
+}
+
+report=""
+survived=0
+IFS=$' \n\t'
+while read -r name file test; do
+  [[ -z $name ]] && continue
+  echo "::: mutant $name -> $file::$test"
+  if ! run "$base" "$file" "$test"; then
+    echo "baseline model $test fails on unmutated code: $why" >&2
+    exit 2
+  fi
+  if run "$base --cfg callcancel_mutant=\"$name\"" "$file" "$test"; then
+    status=SURVIVED
+    survived=1
+    why="-"
+  else
+    status=caught
+  fi
+  report+=$(printf '%-24s %-42s %-9s %s' "$name" "$test" "$status" "$why")$'\n'
+done <<<"$mutants"
+
+echo
+printf '%-24s %-42s %-9s %s\n' mutant model result "how"
+printf '%s' "$report"
+exit "$survived"

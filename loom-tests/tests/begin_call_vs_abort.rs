@@ -1,0 +1,66 @@
+//! loom models: `begin_call` races a host abort / a channel fault.
+//!
+//! Rules: R4 and A1/A2 counting. A call that `begin_call` returned is
+//! cancelled by the abort (or fault) that raced it, with that reason, and is
+//! counted in flight until it completes; a refused call is never counted.
+//! This is the `SeqCst` Dekker pair of `state.rs`: the claimer's
+//! `try_occupy` + re-check against the canceller's flag + sweep.
+#![cfg(loom)]
+
+mod common;
+
+use callcancel::{CancelReason, Error, ServiceHost};
+use common::Probe;
+
+#[test]
+fn begin_call_vs_host_abort() {
+    loom::model(|| {
+        let host = ServiceHost::new();
+        let channel = host.open_channel().unwrap();
+        let aborter = {
+            let host = host.clone();
+            loom::thread::spawn(move || host.abort())
+        };
+        let begun = channel.begin_call();
+        aborter.join().unwrap();
+        match begun {
+            Ok(call) => {
+                // R4: in flight across the abort, so cancelled; registering
+                // now runs the callback inline.
+                assert_eq!(call.cancel_reason(), Some(CancelReason::HostAbort));
+                let p = Probe::new();
+                p.register(&call).unwrap();
+                assert_eq!(p.cancels(), 1, "R4: inline run after a missed abort");
+                assert_eq!(host.in_flight(), 1, "A2: counted until completion");
+                call.complete();
+                p.assert_settled();
+            }
+            Err(e) => assert_eq!(e, Error::HostAborted),
+        }
+        assert_eq!(host.in_flight(), 0, "A2: refused calls are not counted");
+    });
+}
+
+#[test]
+fn begin_call_vs_channel_fault() {
+    loom::model(|| {
+        let host = ServiceHost::new();
+        let channel = host.open_channel().unwrap();
+        let faulter = {
+            let channel = channel.clone();
+            loom::thread::spawn(move || channel.fault())
+        };
+        let begun = channel.begin_call();
+        faulter.join().unwrap();
+        match begun {
+            Ok(call) => {
+                assert_eq!(call.cancel_reason(), Some(CancelReason::ChannelFaulted));
+                assert_eq!(channel.in_flight(), 1);
+                call.complete();
+            }
+            Err(e) => assert_eq!(e, Error::ChannelFaulted),
+        }
+        assert_eq!(channel.in_flight(), 0);
+        assert_eq!(host.in_flight(), 0);
+    });
+}

@@ -1,0 +1,44 @@
+//! loom model: two threads abort the host at once.
+//!
+//! Rules: R1 (the callback runs once), A1 (when *each* `abort` returns, the
+//! callback has been invoked, by this thread or the other), A2 (the call is
+//! still counted until it completes), R2.
+#![cfg(loom)]
+
+mod common;
+
+use callcancel::{CancelReason, HostState, ServiceHost};
+use common::Probe;
+
+#[test]
+fn two_aborts_at_once() {
+    loom::model(|| {
+        let host = ServiceHost::new();
+        let channel = host.open_channel().unwrap();
+        let call = channel.begin_call().unwrap();
+        let p = Probe::new();
+        p.register(&call).unwrap();
+
+        let aborters: Vec<_> = (0..2)
+            .map(|_| {
+                let host = host.clone();
+                let p = std::sync::Arc::clone(&p);
+                loom::thread::spawn(move || {
+                    host.abort();
+                    assert_eq!(p.started(), 1, "A1: callback invoked when abort returns");
+                })
+            })
+            .collect();
+        for a in aborters {
+            a.join().unwrap();
+        }
+
+        assert_eq!(p.cancels(), 1, "R1");
+        assert_eq!(p.reason(), Some(CancelReason::HostAbort));
+        assert_eq!(host.state(), HostState::Aborted);
+        assert_eq!(host.in_flight(), 1, "A2");
+        call.complete();
+        p.assert_settled();
+        assert_eq!(host.in_flight(), 0);
+    });
+}
