@@ -279,7 +279,7 @@ impl Call {
     pub(crate) fn new(channel: &ChannelShared, claimed: Claimed) -> Self {
         Self {
             ctx: OperationContext {
-                channel: NonNull::from(channel),
+                channel: channel.self_ptr(),
                 slot: claimed.slot,
                 index: claimed.index,
                 generation: claimed.generation,

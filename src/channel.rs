@@ -1,7 +1,7 @@
 //! Channels: a slab of calls, a fault flag, and the sweep that cancels them.
 
 use core::fmt;
-use core::ptr;
+use core::ptr::{self, NonNull};
 
 use crate::call::Call;
 use crate::host::HostCore;
@@ -146,6 +146,16 @@ impl ChannelShared {
             // alive past this drop.
             drop(unsafe { Arc::from_raw(raw) });
         }
+    }
+
+    /// The channel's own address, with the provenance of its `Arc` (taken
+    /// from the keepalive), for calls to keep: a pointer derived from `&self`
+    /// could not later release an `Arc` (see [`ChannelShared::hold`]).
+    pub(crate) fn self_ptr(&self) -> NonNull<ChannelShared> {
+        // Ordering: Relaxed; written once in `new`, before any handle exists.
+        // A caller holds a handle, so the keepalive is not disposed yet.
+        NonNull::new(self.keepalive.load(Ordering::Relaxed))
+            .expect("a channel with a handle keeps its keepalive")
     }
 
     /// A temporary strong reference for a call's freer, who must look at the
