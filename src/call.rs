@@ -144,11 +144,13 @@ impl OperationContext {
     }
 
     /// Whether the call was cancelled. One `Acquire` load (P4).
+    #[inline]
     pub fn is_cancelled(&self) -> bool {
         self.slot().state.load(Ordering::Acquire).is_cancelled()
     }
 
     /// The reason the call was cancelled, if it was (the first one, R5).
+    #[inline]
     pub fn cancel_reason(&self) -> Option<CancelReason> {
         self.slot().state.load(Ordering::Acquire).reason()
     }

@@ -136,7 +136,13 @@ impl ChannelShared {
     /// Drops the calls' keepalive reference if the channel is orphaned and no
     /// call is in flight. The caller must hold a strong reference of its own.
     pub(crate) fn try_dispose(&self) {
-        if !self.is_orphaned() || self.slab.census().occupied != 0 {
+        self.try_dispose_from(0);
+    }
+
+    /// As [`ChannelShared::try_dispose`], looking for a busy slot from
+    /// `start` (a freer's own slot) onwards.
+    fn try_dispose_from(&self, start: usize) {
+        if !self.is_orphaned() || self.slab.any_occupied_from(start) {
             return;
         }
         let raw = self.keepalive.swap(ptr::null_mut(), Ordering::AcqRel);
@@ -328,7 +334,7 @@ impl ChannelShared {
             None
         };
         if after.dispose {
-            self.try_dispose();
+            self.try_dispose_from(index.unwrap_or(0));
         }
         panic
     }

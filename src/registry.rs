@@ -136,9 +136,16 @@ impl Slab {
     /// thousands of calls in flight.
     pub(crate) fn claim(&self) -> Claimed {
         let hint = self.hint.load(Ordering::Relaxed);
-        if let Some(claimed) = self.try_claim_at(hint) {
-            return claimed;
+        match self.try_claim_at(hint) {
+            Some(claimed) => claimed,
+            None => self.claim_scan(hint),
         }
+    }
+
+    /// `claim`'s slow path: scan from the hint, then grow.
+    #[cold]
+    #[inline(never)]
+    fn claim_scan(&self, hint: usize) -> Claimed {
         let capacity = self.published_capacity();
         let start = if hint < capacity { hint } else { 0 };
         for index in (start..capacity).chain(0..start) {
@@ -208,6 +215,20 @@ impl Slab {
                 None => break,
             }
         }
+    }
+
+    /// Whether any slot is occupied, looking from `start` onwards (wrapping)
+    /// and stopping at the first occupied slot. A freer of an orphaned
+    /// channel starts at its own slot, so tearing down many calls costs about
+    /// one look each rather than a scan each (`SeqCst`: the census side of
+    /// the disposal handshake, see `ChannelShared`).
+    pub(crate) fn any_occupied_from(&self, start: usize) -> bool {
+        let capacity = self.published_capacity();
+        let start = if start < capacity { start } else { 0 };
+        (start..capacity).chain(0..start).any(|i| {
+            self.slot(i)
+                .is_some_and(|slot| slot.state.load(Ordering::SeqCst).is_occupied())
+        })
     }
 
     /// Occupied slots (calls in flight, including those whose cancel
