@@ -1,2 +1,124 @@
-//! Placeholder: filled in by the benchmarks work (issue 5).
-fn main() {}
+//! Fault of one channel among many: the faulted channel holds `K` registered
+//! calls; the host around it holds `M` other channels, each with `K`
+//! registered calls in flight, which the fault must not touch. The cost should
+//! be that of the faulted channel alone, whatever `M`.
+//!
+//! Each iteration opens a fresh channel with `K` registered calls (outside
+//! the timing), times `channel.fault()`, and completes the calls outside the
+//! timing. Peers: tokio-util (host token → channel tokens → call tokens;
+//! cancel one channel token with `K` children) and the `Vec` floor (call `K`
+//! boxed closures in place).
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use callcancel::{Call, Channel, ServiceHost};
+use criterion::{
+    criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, SamplingMode, Throughput,
+};
+use tokio_util::sync::CancellationToken;
+
+/// Registered calls per channel.
+const K: usize = 100;
+/// Other channels on the host.
+const OTHERS: [usize; 2] = [0, 1_000];
+
+/// Calls first: they complete while their channel handle is still alive.
+fn registered_channel(host: &ServiceHost) -> (Vec<Call>, Channel) {
+    let channel = host.open_channel().unwrap();
+    let calls = (0..K as u64)
+        .map(|i| {
+            let call = channel.begin_call().unwrap();
+            call.register_for_cancel(i, move |reason, s| {
+                black_box((reason, s, i));
+            })
+            .unwrap();
+            call
+        })
+        .collect();
+    (calls, channel)
+}
+
+fn fault(c: &mut Criterion) {
+    let mut g = c.benchmark_group("fault");
+    g.sampling_mode(SamplingMode::Flat);
+    // The untimed set-up costs several times the fault: keep the wall time
+    // down.
+    g.measurement_time(Duration::from_secs(1));
+    g.throughput(Throughput::Elements(K as u64));
+    for m in OTHERS {
+        let host = ServiceHost::new();
+        let background: Vec<_> = (0..m).map(|_| registered_channel(&host)).collect();
+        g.bench_with_input(BenchmarkId::new("callcancel_channel", m), &m, |b, _| {
+            b.iter_batched(
+                || registered_channel(&host),
+                |input| {
+                    input.1.fault();
+                    input
+                },
+                BatchSize::PerIteration,
+            )
+        });
+        assert!(background.iter().all(|(_, ch)| !ch.is_faulted()));
+        drop(background);
+
+        let root = CancellationToken::new();
+        let background: Vec<_> = (0..m)
+            .map(|_| {
+                let ch = root.child_token();
+                let calls: Vec<_> = (0..K).map(|_| ch.child_token()).collect();
+                (ch, calls)
+            })
+            .collect();
+        g.bench_with_input(
+            BenchmarkId::new("tokio_util_channel_token", m),
+            &m,
+            |b, _| {
+                b.iter_batched(
+                    || {
+                        let ch = root.child_token();
+                        let calls: Vec<_> = (0..K).map(|_| ch.child_token()).collect();
+                        (ch, calls)
+                    },
+                    |input| {
+                        input.0.cancel();
+                        input
+                    },
+                    BatchSize::PerIteration,
+                )
+            },
+        );
+        drop(background);
+    }
+    g.bench_function("vec_boxed_fnmut", |b| {
+        b.iter_batched(
+            || {
+                (0..K as u64)
+                    .map(|i| {
+                        Box::new(move || {
+                            black_box(i);
+                        }) as Box<dyn FnMut() + Send>
+                    })
+                    .collect::<Vec<_>>()
+            },
+            |mut v| {
+                for f in v.iter_mut() {
+                    f();
+                }
+                v
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .measurement_time(Duration::from_secs(2))
+        .warm_up_time(Duration::from_millis(500))
+        .sample_size(20);
+    targets = fault
+}
+criterion_main!(benches);

@@ -1,11 +1,34 @@
 //! Uncontended call lifecycle (P1): begin_call + register_for_cancel +
 //! complete, against the peers a user would pick instead, in one group.
-//! Every callback captures data, so no peer gets a free zero-sized closure.
+//!
+//! Every callback captures data (a `u64`), so no contender gets a free
+//! zero-sized closure: `Box::new` of a capture-less closure does not allocate
+//! and would flatter the result.
+//!
+//! * `callcancel_channel`: a call on a channel, `register_for_cancel_with_free`
+//!   (state `u64`, a cancel closure capturing a `u64`, a free closure), then
+//!   `complete` (which runs the free).
+//! * `callcancel_channel_drop_free`: the same with `register_for_cancel` (the
+//!   free-state is dropping the state).
+//! * `callcancel_host_scope`: a host-scope call (`ServiceHost::begin_call`).
+//! * `tokio_util_child_token`: `parent.child_token()` + drop, the cheapest
+//!   way to get a cancellable per-call handle from tokio-util.
+//! * `tokio_util_child_token_polled`: the same plus one poll of
+//!   `child.cancelled()` (which is how async code actually waits on it).
+//! * `mutex_hashmap_registry`: `Mutex<HashMap<u64, Box<dyn FnOnce>>>` insert
+//!   under a fresh id, then remove.
+//! * `floor_boxed_node_two_rmw`: the floor of the design brief: one heap node
+//!   holding an atomic and the (inline) capturing closure, two atomic
+//!   read-modify-writes, free.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::hint::black_box;
+use std::pin::pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
+use std::task::{Context, Waker};
+use std::time::Duration;
 
 use callcancel::ServiceHost;
 use criterion::{criterion_group, criterion_main, Criterion};
@@ -23,8 +46,40 @@ fn lifecycle(c: &mut Criterion) {
             let call = channel.begin_call().unwrap();
             call.register_for_cancel_with_free(
                 n,
-                |_, s| {
+                move |_, s| {
+                    black_box((s, n));
+                },
+                |s| {
                     black_box(s);
+                },
+            )
+            .unwrap();
+            call.complete();
+        })
+    });
+
+    g.bench_function("callcancel_channel_drop_free", |b| {
+        let mut n = 0u64;
+        b.iter(|| {
+            n += 1;
+            let call = channel.begin_call().unwrap();
+            call.register_for_cancel(n, move |_, s| {
+                black_box((s, n));
+            })
+            .unwrap();
+            call.complete();
+        })
+    });
+
+    g.bench_function("callcancel_host_scope", |b| {
+        let mut n = 0u64;
+        b.iter(|| {
+            n += 1;
+            let call = host.begin_call().unwrap();
+            call.register_for_cancel_with_free(
+                n,
+                move |_, s| {
+                    black_box((s, n));
                 },
                 |s| {
                     black_box(s);
@@ -40,6 +95,18 @@ fn lifecycle(c: &mut Criterion) {
         b.iter(|| {
             let child = parent.child_token();
             black_box(&child);
+            drop(child);
+        })
+    });
+
+    g.bench_function("tokio_util_child_token_polled", |b| {
+        let mut cx = Context::from_waker(Waker::noop());
+        b.iter(|| {
+            let child = parent.child_token();
+            {
+                let mut fut = pin!(child.cancelled());
+                black_box(fut.as_mut().poll(&mut cx).is_pending());
+            }
             drop(child);
         })
     });
@@ -61,9 +128,9 @@ fn lifecycle(c: &mut Criterion) {
         })
     });
 
-    struct Node {
+    struct Node<F> {
         state: AtomicUsize,
-        cb: Box<dyn FnOnce() + Send>,
+        cb: F,
     }
     g.bench_function("floor_boxed_node_two_rmw", |b| {
         let mut n = 0u64;
@@ -71,15 +138,16 @@ fn lifecycle(c: &mut Criterion) {
             n += 1;
             let node = Box::new(Node {
                 state: AtomicUsize::new(0),
-                cb: Box::new(move || {
+                cb: move || {
                     black_box(n);
-                }),
+                },
             });
             node.state.fetch_or(1, Ordering::AcqRel);
             let _ = node
                 .state
                 .compare_exchange(1, 3, Ordering::AcqRel, Ordering::Acquire);
             black_box(&node.cb);
+            drop(black_box(node));
         })
     });
     g.finish();
@@ -88,8 +156,8 @@ fn lifecycle(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default()
-        .measurement_time(std::time::Duration::from_secs(2))
-        .warm_up_time(std::time::Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .warm_up_time(Duration::from_millis(500))
         .sample_size(30);
     targets = lifecycle
 }
