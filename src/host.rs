@@ -217,8 +217,8 @@ impl HostShared {
         panics.resume();
     }
 
-    fn close(&self, timeout: Duration) -> Result<(), Error> {
-        let deadline = Instant::now().checked_add(timeout);
+    /// `Open → Closing`; returns the state found (`OPEN` if this moved it).
+    fn begin_close(&self) -> u8 {
         let state = &self.core.state.0;
         let mut cur = state.load(Ordering::SeqCst);
         while cur == OPEN {
@@ -227,7 +227,13 @@ impl HostShared {
                 Err(actual) => cur = actual,
             }
         }
-        if cur == CLOSED {
+        cur
+    }
+
+    fn close(&self, timeout: Duration) -> Result<(), Error> {
+        let deadline = Instant::now().checked_add(timeout);
+        let state = &self.core.state.0;
+        if self.begin_close() == CLOSED {
             return Ok(());
         }
         if self.wait_idle_until(deadline) {
@@ -383,6 +389,30 @@ impl ServiceHost {
     /// cancel callback panics.
     pub fn close(&self, timeout: Duration) -> Result<(), Error> {
         self.shared.close(timeout)
+    }
+
+    /// Starts a graceful close without blocking: an `Open` host becomes
+    /// [`HostState::Closing`] and refuses new channels and calls from now on
+    /// ([`Error::HostClosed`]); in-flight calls run on. Returns the state
+    /// after the call. For async services: `begin_close()`, then await
+    /// [`idle`](ServiceHost::idle) (racing your own timer, and `abort()` if it
+    /// fires), then `close(Duration::ZERO)` to reach `Closed`.
+    ///
+    /// ```
+    /// use callcancel::{Error, HostState, ServiceHost};
+    /// use std::time::Duration;
+    ///
+    /// let host = ServiceHost::new();
+    /// let call = host.begin_call().unwrap();
+    /// assert_eq!(host.begin_close(), HostState::Closing);
+    /// assert_eq!(host.begin_call().unwrap_err(), Error::HostClosed);
+    /// call.complete();
+    /// assert_eq!(host.close(Duration::ZERO), Ok(()));
+    /// assert_eq!(host.state(), HostState::Closed);
+    /// ```
+    pub fn begin_close(&self) -> HostState {
+        self.shared.begin_close();
+        self.state()
     }
 
     /// The host's state: a snapshot.

@@ -689,6 +689,9 @@ impl Connection {
                 .reply(format!("ERR {id} shutdown already in progress"))
                 .await;
         }
+        // Refuse new work now, so a client that reads `OK` knows later
+        // requests are refused; `close` below then waits for the rest.
+        self.shared.host.begin_close();
         let shared = Arc::clone(&self.shared);
         // `close` blocks until idle or the deadline: give it its own thread
         // rather than tokio's blocking pool, which `BLOCK` calls may fill.
@@ -705,12 +708,6 @@ impl Connection {
         if let Err(e) = spawned {
             self.shared.shutdown_requested.store(false, SeqCst);
             return self.reply(format!("ERR {id} cannot shut down: {e}")).await;
-        }
-        // Answer once `close` has started refusing new work, so that a
-        // client that read `OK` knows later requests are refused. The
-        // thread's first step is that state change.
-        while self.shared.host.state() == HostState::Open {
-            tokio::task::yield_now().await;
         }
         let ms = timeout.as_millis();
         self.reply(format!(
