@@ -8,8 +8,10 @@
 //! pointers, and freed only when the slab is dropped, so a slot's address is
 //! stable for the life of its channel. `begin_call` takes a free slot with
 //! one CAS on the slot's own state word (no shared bitmap, no shared counter):
-//! a channel-local `hint` remembers the last released index so the steady
-//! state reuses one hot slot and writes nothing shared. A sweep (fault or
+//! each thread remembers the slot it released last (a thread-local hint), so
+//! the steady state reuses one hot slot per thread and writes nothing shared,
+//! even with several threads on one channel (P5); a channel-wide hint, moved
+//! only by the slow scan, serves threads new to the channel. A sweep (fault or
 //! abort) walks every slot of every published segment: linear in capacity,
 //! which is at most twice the channel's peak concurrency.
 //!
@@ -57,6 +59,29 @@ fn segment_len(k: usize) -> usize {
     BASE << k
 }
 
+std::thread_local! {
+    /// (slab address, slot index) of the slot this thread released last.
+    static THREAD_HINT: core::cell::Cell<(usize, usize)> = const { core::cell::Cell::new((0, 0)) };
+}
+
+/// This thread's last released slot in `slab`, if its last release was there.
+/// Only a hint: a stale or foreign index merely fails `try_occupy`.
+fn thread_hint(slab: &Slab) -> Option<usize> {
+    let me = core::ptr::from_ref(slab) as usize;
+    THREAD_HINT
+        .try_with(|h| {
+            let (slab_addr, index) = h.get();
+            (slab_addr == me).then_some(index)
+        })
+        .ok()
+        .flatten()
+}
+
+fn set_thread_hint(slab: &Slab, index: usize) {
+    let me = core::ptr::from_ref(slab) as usize;
+    let _ = THREAD_HINT.try_with(|h| h.set((me, index)));
+}
+
 /// A slot taken by `begin_call`.
 pub(crate) struct Claimed {
     pub(crate) slot: NonNull<CallSlot>,
@@ -67,9 +92,8 @@ pub(crate) struct Claimed {
 /// A channel's slab of call slots. See the module docs.
 pub(crate) struct Slab {
     segments: [AtomicPtr<CallSlot>; SEGMENTS],
-    /// Index of the most recently released slot: the first one `claim` tries.
-    /// Written only when it changes, so the single-thread steady state never
-    /// writes it.
+    /// Where a thread new to this channel starts looking: moved only by the
+    /// slow scan (threads that know the channel use their thread-local hint).
     hint: AtomicUsize,
 }
 
@@ -129,13 +153,17 @@ impl Slab {
 
     /// Takes a free slot (the `OCCUPIED` CAS is `SeqCst`: see `state.rs`).
     ///
-    /// Tries the hint (the last released slot) first, then scans the
-    /// published segments from the hint onwards, wrapping around, and grows
-    /// the slab only when every slot is taken. Releases move the hint to the
-    /// released slot, so a steady state finds a free slot at once even with
-    /// thousands of calls in flight.
+    /// Tries the hint (this thread's last released slot here, else the
+    /// channel's) first, then scans the published segments from the hint
+    /// onwards, wrapping around, and grows the slab only when every slot is
+    /// taken. Releases move this thread's hint to the released slot, so a
+    /// steady state finds a free slot at once even with thousands of calls in
+    /// flight.
     pub(crate) fn claim(&self) -> Claimed {
-        let hint = self.hint.load(Ordering::Relaxed);
+        let hint = match thread_hint(self) {
+            Some(mine) => mine,
+            None => self.hint.load(Ordering::Relaxed),
+        };
         match self.try_claim_at(hint) {
             Some(claimed) => claimed,
             None => self.claim_scan(hint),
@@ -201,10 +229,12 @@ impl Slab {
     }
 
     /// Remembers a released slot for the next `claim`.
+    ///
+    /// The hint is kept per thread (for the channel the thread used last), so
+    /// threads sharing a channel each come back to their own slot instead of
+    /// fighting over one; the channel-wide hint serves threads new to it.
     pub(crate) fn note_released(&self, index: usize) {
-        if self.hint.load(Ordering::Relaxed) != index {
-            self.hint.store(index, Ordering::Relaxed);
-        }
+        set_thread_hint(self, index);
     }
 
     /// Every slot of every published segment.
