@@ -40,6 +40,7 @@ unsafe impl Send for OperationContext {}
 unsafe impl Sync for OperationContext {}
 
 impl OperationContext {
+    #[inline]
     fn slot(&self) -> &CallSlot {
         // SAFETY: the slot lives in the channel's slab, which never frees a
         // segment before the channel drops, and the channel is kept alive by
@@ -314,6 +315,7 @@ impl Call {
 impl Deref for Call {
     type Target = OperationContext;
 
+    #[inline]
     fn deref(&self) -> &OperationContext {
         &self.ctx
     }

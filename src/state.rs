@@ -128,6 +128,7 @@ impl Snapshot {
     pub(crate) fn generation(self) -> usize {
         self.0 >> GEN_SHIFT
     }
+    #[inline]
     pub(crate) fn is_cancelled(self) -> bool {
         self.0 & CANCELLED != 0
     }
@@ -146,6 +147,7 @@ impl Snapshot {
         self.0 & bit != 0
     }
     /// The decided reason, if cancelled.
+    #[inline]
     pub(crate) fn reason(self) -> Option<CancelReason> {
         if self.0 & CANCELLED == 0 {
             None
@@ -266,6 +268,7 @@ impl CallState {
         self.word.fetch_or(0, Ordering::Acquire);
     }
 
+    #[inline]
     pub(crate) fn load(&self, order: Ordering) -> Snapshot {
         Snapshot(self.word.load(order))
     }
