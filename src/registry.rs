@@ -59,6 +59,7 @@ fn segment_len(k: usize) -> usize {
     BASE << k
 }
 
+#[cfg(not(loom))]
 std::thread_local! {
     /// (slab address, slot index) of the slot this thread released last.
     static THREAD_HINT: core::cell::Cell<(usize, usize)> = const { core::cell::Cell::new((0, 0)) };
@@ -66,6 +67,19 @@ std::thread_local! {
 
 /// This thread's last released slot in `slab`, if its last release was there.
 /// Only a hint: a stale or foreign index merely fails `try_occupy`.
+///
+/// Not under loom: a std thread-local outlives loom's executions, and a hint
+/// left by one execution would make the next one take a different path,
+/// which loom's replay cannot handle. Models use the channel-wide hint.
+#[cfg(loom)]
+fn thread_hint(_slab: &Slab) -> Option<usize> {
+    None
+}
+
+#[cfg(loom)]
+fn set_thread_hint(_slab: &Slab, _index: usize) {}
+
+#[cfg(not(loom))]
 fn thread_hint(slab: &Slab) -> Option<usize> {
     let me = core::ptr::from_ref(slab) as usize;
     THREAD_HINT
@@ -77,6 +91,7 @@ fn thread_hint(slab: &Slab) -> Option<usize> {
         .flatten()
 }
 
+#[cfg(not(loom))]
 fn set_thread_hint(slab: &Slab, index: usize) {
     let me = core::ptr::from_ref(slab) as usize;
     let _ = THREAD_HINT.try_with(|h| h.set((me, index)));
