@@ -314,8 +314,8 @@ impl CallSlot {
 
 impl Drop for CallSlot {
     fn drop(&mut self) {
-        // A slot is dropped with its slab, when no call can be in flight (a
-        // call holds its channel alive), so nothing is stored. Free any
+        // A slot is dropped with its slab, when no call can be in flight (the
+        // channel's keepalive outlives its calls), so nothing is stored. Free any
         // leftover all the same, so nothing can leak.
         #[cfg(loom)]
         self.state.sync_before_drop();
