@@ -147,12 +147,14 @@ impl OperationContext {
     /// Whether the call was cancelled. One `Acquire` load (P4).
     #[inline]
     pub fn is_cancelled(&self) -> bool {
+        // Ordering: Acquire pairs with the AcqRel RMW that set CANCELLED.
         self.slot().state.load(Ordering::Acquire).is_cancelled()
     }
 
     /// The reason the call was cancelled, if it was (the first one, R5).
     #[inline]
     pub fn cancel_reason(&self) -> Option<CancelReason> {
+        // Ordering: as in `is_cancelled`.
         self.slot().state.load(Ordering::Acquire).reason()
     }
 

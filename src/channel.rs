@@ -106,6 +106,8 @@ impl ChannelShared {
             table,
         });
         let raw = Arc::into_raw(Arc::clone(&channel)).cast_mut();
+        // Ordering: Release; the handle returned here carries it to other
+        // threads, whose `self_ptr` loads then see the pointer.
         channel.keepalive.store(raw, Ordering::Release);
         channel
     }
@@ -145,6 +147,8 @@ impl ChannelShared {
         if !self.is_orphaned() || self.slab.any_occupied_from(start) {
             return;
         }
+        // Ordering: AcqRel; the swap makes exactly one disposer own the
+        // reference, and orders every freer's release before the drop.
         let raw = self.keepalive.swap(ptr::null_mut(), Ordering::AcqRel);
         if !raw.is_null() {
             // SAFETY: `raw` came from `Arc::into_raw` in `new`; the swap made
@@ -187,6 +191,7 @@ impl ChannelShared {
     }
 
     pub(crate) fn is_faulted(&self) -> bool {
+        // Ordering: Acquire pairs with the SeqCst swap in `fault`.
         self.faulted.load(Ordering::Acquire) != 0
     }
 

@@ -188,12 +188,15 @@ impl HostShared {
             };
         };
         drop(guard);
+        // Ordering: SeqCst like the increment; it only stops notifications.
         core.idle_waiters.0.fetch_sub(1, Ordering::SeqCst);
         idle
     }
 
     fn abort(&self) {
         let state = &self.core.state.0;
+        // Ordering: SeqCst; the ABORTED store (ours, or the one we read) is
+        // the first half of the R4 Dekker pair and precedes the sweep below.
         let mut cur = state.load(Ordering::SeqCst);
         loop {
             match cur {
@@ -329,6 +332,8 @@ impl ServiceHost {
     /// was aborted or is closing.
     pub fn open_channel(&self) -> Result<Channel, Error> {
         let core = &self.shared.core;
+        // Ordering: Acquire, an early refusal only; the SeqCst re-check
+        // below is the one that counts.
         core.check_accepting(Ordering::Acquire)?;
         let entry = self.shared.table.reserve();
         let shared = ChannelShared::new(Arc::clone(core), Some(entry));
@@ -417,6 +422,7 @@ impl ServiceHost {
 
     /// The host's state: a snapshot.
     pub fn state(&self) -> HostState {
+        // Ordering: Acquire pairs with the SeqCst state changes.
         match self.shared.core.state.0.load(Ordering::Acquire) {
             OPEN => HostState::Open,
             CLOSING => HostState::Closing,
