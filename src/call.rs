@@ -9,7 +9,6 @@ use core::ptr::NonNull;
 use core::task::{Context, Poll};
 
 use crate::channel::{ChannelShared, FirstPanic};
-use crate::registry::Claimed;
 use crate::slot::{CallSlot, Prepared};
 use crate::state::{Completion, Published};
 use crate::sync::Ordering;
@@ -26,8 +25,6 @@ pub struct OperationContext {
     /// occupies its slot (see `ChannelShared`); no per-call reference count.
     channel: NonNull<ChannelShared>,
     slot: NonNull<CallSlot>,
-    index: usize,
-    generation: usize,
 }
 
 // SAFETY: `channel` and `slot` stay valid while the call occupies its slot
@@ -48,6 +45,15 @@ impl OperationContext {
         unsafe { self.slot.as_ref() }
     }
 
+    /// This call's generation: stable while the call occupies its slot.
+    #[inline]
+    fn generation(&self) -> usize {
+        // Ordering: Relaxed; only this call's own `try_occupy` (or the
+        // release before it) wrote the generation bits.
+        self.slot().state.load(Ordering::Relaxed).generation()
+    }
+
+    #[inline]
     fn channel(&self) -> &ChannelShared {
         // SAFETY: as for `slot`: valid while this call occupies its slot.
         unsafe { self.channel.as_ref() }
@@ -221,7 +227,7 @@ impl OperationContext {
     pub fn watch(&self) -> CancelWatch {
         // SAFETY: this call occupies its slot, so the keepalive is held.
         let channel = unsafe { ChannelShared::hold(self.channel.as_ptr()) };
-        CancelWatch::new(channel, self.slot, self.generation)
+        CancelWatch::new(channel, self.slot, self.generation())
     }
 
     /// Completes the call: the owner's side of the free protocol.
@@ -252,7 +258,7 @@ impl OperationContext {
         let held = after
             .any()
             .then(|| unsafe { ChannelShared::hold(self.channel.as_ptr()) });
-        panics.record(channel.release(slot, Some(self.index), after));
+        panics.record(channel.release(slot, true, after));
         drop(held);
         if let Some(panic) = panics.into_inner() {
             if !std::thread::panicking() {
@@ -265,7 +271,7 @@ impl OperationContext {
 impl fmt::Debug for OperationContext {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("OperationContext")
-            .field("generation", &self.generation)
+            .field("generation", &self.generation())
             .field("cancel_reason", &self.cancel_reason())
             .finish()
     }
@@ -281,13 +287,13 @@ pub struct Call {
 }
 
 impl Call {
-    pub(crate) fn new(channel: &ChannelShared, claimed: Claimed) -> Self {
+    /// A call occupying `slot` of `channel`.
+    #[inline]
+    pub(crate) fn new(channel: &ChannelShared, slot: NonNull<CallSlot>) -> Self {
         Self {
             ctx: OperationContext {
                 channel: channel.self_ptr(),
-                slot: claimed.slot,
-                index: claimed.index,
-                generation: claimed.generation,
+                slot,
             },
         }
     }
@@ -304,6 +310,7 @@ impl Call {
     /// If the free-state panics, the call is still released (it no longer
     /// counts as in flight) and the panic propagates from here; when the call
     /// is dropped during unwinding, that panic is swallowed instead.
+    #[inline]
     pub fn complete(self) {
         drop(self);
     }
@@ -350,7 +357,7 @@ impl Future for Cancelled<'_> {
         let ctx = this.ctx;
         match this
             .wait
-            .poll(ctx.channel(), ctx.slot(), ctx.generation, cx)
+            .poll(ctx.channel(), ctx.slot(), ctx.generation(), cx)
         {
             Poll::Ready(Woken::Cancelled(reason)) => Poll::Ready(reason),
             // The future borrows the call, so the call cannot have completed.

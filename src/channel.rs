@@ -16,6 +16,7 @@ use crate::{CancelReason, Error};
 pub(crate) struct FirstPanic(Option<Panic>);
 
 impl FirstPanic {
+    #[inline]
     pub(crate) fn record(&mut self, p: Option<Panic>) {
         if self.0.is_none() {
             self.0 = p;
@@ -130,6 +131,7 @@ impl ChannelShared {
 
     /// Whether every handle is gone. Read by a freer right after its
     /// deciding `SeqCst` RMW.
+    #[inline]
     pub(crate) fn is_orphaned(&self) -> bool {
         crate::sync::dekker_fence();
         self.handles.load(Ordering::SeqCst) == 0
@@ -138,12 +140,12 @@ impl ChannelShared {
     /// Drops the calls' keepalive reference if the channel is orphaned and no
     /// call is in flight. The caller must hold a strong reference of its own.
     pub(crate) fn try_dispose(&self) {
-        self.try_dispose_from(0);
+        self.try_dispose_from(None);
     }
 
     /// As [`ChannelShared::try_dispose`], looking for a busy slot from
     /// `start` (a freer's own slot) onwards.
-    fn try_dispose_from(&self, start: usize) {
+    fn try_dispose_from(&self, start: Option<&CallSlot>) {
         if !self.is_orphaned() || self.slab.any_occupied_from(start) {
             return;
         }
@@ -161,6 +163,7 @@ impl ChannelShared {
     /// The channel's own address, with the provenance of its `Arc` (taken
     /// from the keepalive), for calls to keep: a pointer derived from `&self`
     /// could not later release an `Arc` (see [`ChannelShared::hold`]).
+    #[inline]
     pub(crate) fn self_ptr(&self) -> NonNull<ChannelShared> {
         // Ordering: Relaxed; written once in `new`, before any handle exists.
         // A caller holds a handle, so the keepalive is not disposed yet.
@@ -195,6 +198,7 @@ impl ChannelShared {
         self.faulted.load(Ordering::Acquire) != 0
     }
 
+    #[inline]
     fn check(&self, order: Ordering) -> Result<(), Error> {
         self.host.check_accepting(order)?;
         if self.faulted.load(order) != 0 {
@@ -204,11 +208,11 @@ impl ChannelShared {
     }
 
     /// Starts a call on this channel (or shard).
+    #[inline]
     pub(crate) fn begin_call(&self) -> Result<Call, Error> {
         // Cheap early refusal; the SeqCst re-check below is what R4 relies on.
         self.check(Ordering::Acquire)?;
-        let claimed = self.slab.claim();
-        let call = Call::new(self, claimed);
+        let call = Call::new(self, self.slab.claim());
         // Ordering: SeqCst re-check after the SeqCst `try_occupy`: either we
         // see the abort/fault flag, or its sweep sees our slot (state.rs).
         // Mutant (ci/mutants.sh): skip the re-check.
@@ -271,7 +275,7 @@ impl ChannelShared {
                         panics.record(unsafe { slot.free_registration(true) });
                         // The sweeper holds an `Arc` of this channel, so it
                         // may look after it past the release.
-                        panics.record(self.release(slot, None, after));
+                        panics.record(self.release(slot, false, after));
                     }
                 }
             }
@@ -284,7 +288,18 @@ impl ChannelShared {
     /// A waker whose `wake` panics is caught, so the caller can finish its
     /// protocol step; the first such panic is returned for re-raising.
     #[must_use]
+    #[inline]
     pub(crate) fn wake_waiters(&self, slot: &CallSlot, seen: Snapshot) -> Option<Panic> {
+        if seen.has(WAITER) || seen.has(OVERFLOW) {
+            self.wake_waiters_slow(slot, seen)
+        } else {
+            None
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn wake_waiters_slow(&self, slot: &CallSlot, seen: Snapshot) -> Option<Panic> {
         let mut first = FirstPanic::default();
         if seen.has(WAITER) {
             first.record(catch(|| slot.waker.wake()));
@@ -310,6 +325,7 @@ impl ChannelShared {
     /// What a freer must do after its release; read right after its
     /// deciding `SeqCst` RMW (the Dekker pairs with idle waiters and with the
     /// last handle's drop: `host.rs` and the type docs).
+    #[inline]
     pub(crate) fn after_release_duties(&self) -> AfterRelease {
         AfterRelease {
             notify_idle: self.host.idle_watched(),
@@ -317,29 +333,43 @@ impl ChannelShared {
         }
     }
 
-    /// Hands a finished slot back. `index` (when the caller knows it) becomes
-    /// the slab's hint for the next `begin_call`. The caller must hold a
+    /// Hands a finished slot back. If `owner` (the freer is the call's own
+    /// thread), the slot becomes this thread's hint for its next
+    /// `begin_call` here. The caller must hold a
     /// strong reference if `after` asks for any duty (see
     /// [`ChannelShared::hold`]).
     /// Returns the first panic of an idle waiter's waker, if any.
     #[must_use]
+    #[inline]
     pub(crate) fn release(
         &self,
         slot: &CallSlot,
-        index: Option<usize>,
+        owner: bool,
         after: AfterRelease,
     ) -> Option<Panic> {
-        if let Some(index) = index {
-            self.slab.note_released(index);
+        if owner {
+            self.slab.note_released(slot);
         }
         slot.state.release();
+        if after.any() {
+            self.release_duties(slot, after)
+        } else {
+            None
+        }
+    }
+
+    /// The rare part of [`ChannelShared::release`]: wake idle waiters,
+    /// dispose an orphaned channel.
+    #[cold]
+    #[inline(never)]
+    fn release_duties(&self, slot: &CallSlot, after: AfterRelease) -> Option<Panic> {
         let panic = if after.notify_idle {
             self.host.notify_idle()
         } else {
             None
         };
         if after.dispose {
-            self.try_dispose_from(index.unwrap_or(0));
+            self.try_dispose_from(Some(slot));
         }
         panic
     }
@@ -358,6 +388,7 @@ pub(crate) struct AfterRelease {
 }
 
 impl AfterRelease {
+    #[inline]
     pub(crate) fn any(self) -> bool {
         self.notify_idle || self.dispose
     }
@@ -426,6 +457,7 @@ impl Channel {
     /// was aborted / is closing, and with [`Error::ChannelFaulted`] once this
     /// channel faulted. A call that this returns is guaranteed to be
     /// cancelled by any later abort or fault (R4).
+    #[inline]
     pub fn begin_call(&self) -> Result<Call, Error> {
         self.shared.begin_call()
     }

@@ -85,6 +85,7 @@ impl HostCore {
     }
 
     /// `Err` unless the host accepts new channels and calls.
+    #[inline]
     pub(crate) fn check_accepting(&self, order: Ordering) -> Result<(), Error> {
         match self.state.0.load(order) {
             OPEN => Ok(()),
@@ -96,6 +97,7 @@ impl HostCore {
     /// Whether anybody waits for idle: read by a freer right after its
     /// deciding `SeqCst` RMW (the freer's half of the idle Dekker pair; see
     /// the module docs).
+    #[inline]
     pub(crate) fn idle_watched(&self) -> bool {
         crate::sync::dekker_fence();
         self.idle_waiters.0.load(Ordering::SeqCst) != 0

@@ -61,47 +61,47 @@ fn segment_len(k: usize) -> usize {
 
 #[cfg(not(loom))]
 std::thread_local! {
-    /// (slab address, slot index) of the slot this thread released last.
-    static THREAD_HINT: core::cell::Cell<(usize, usize)> = const { core::cell::Cell::new((0, 0)) };
+    /// (slab id, slot) of the slot this thread released last.
+    static THREAD_HINT: core::cell::Cell<(usize, *const CallSlot)> =
+        const { core::cell::Cell::new((0, ptr::null())) };
 }
 
+/// Slab ids: unique for the life of the process (never reused, so a thread
+/// hint naming a dropped slab can never match a live one). Not a
+/// synchronising atomic, so plain `core` even under loom.
+static NEXT_SLAB_ID: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(1);
+
 /// This thread's last released slot in `slab`, if its last release was there.
-/// Only a hint: a stale or foreign index merely fails `try_occupy`.
+/// Only a hint: a slot taken since merely fails `try_occupy`.
 ///
 /// Not under loom: a std thread-local outlives loom's executions, and a hint
 /// left by one execution would make the next one take a different path,
 /// which loom's replay cannot handle. Models use the channel-wide hint.
 #[cfg(loom)]
-fn thread_hint(_slab: &Slab) -> Option<usize> {
+fn thread_hint(_slab: &Slab) -> Option<&CallSlot> {
     None
 }
 
 #[cfg(loom)]
-fn set_thread_hint(_slab: &Slab, _index: usize) {}
+fn set_thread_hint(_slab: &Slab, _slot: &CallSlot) {}
 
 #[cfg(not(loom))]
-fn thread_hint(slab: &Slab) -> Option<usize> {
-    let me = core::ptr::from_ref(slab) as usize;
-    THREAD_HINT
-        .try_with(|h| {
-            let (slab_addr, index) = h.get();
-            (slab_addr == me).then_some(index)
-        })
-        .ok()
-        .flatten()
+#[inline]
+fn thread_hint(slab: &Slab) -> Option<&CallSlot> {
+    let (id, slot) = THREAD_HINT.try_with(core::cell::Cell::get).ok()?;
+    if id != slab.id {
+        return None;
+    }
+    // SAFETY: ids are never reused, so the hint was left by a release on
+    // this very slab; its slots live until the slab is dropped, and the
+    // caller borrows the slab.
+    Some(unsafe { &*slot })
 }
 
 #[cfg(not(loom))]
-fn set_thread_hint(slab: &Slab, index: usize) {
-    let me = core::ptr::from_ref(slab) as usize;
-    let _ = THREAD_HINT.try_with(|h| h.set((me, index)));
-}
-
-/// A slot taken by `begin_call`.
-pub(crate) struct Claimed {
-    pub(crate) slot: NonNull<CallSlot>,
-    pub(crate) index: usize,
-    pub(crate) generation: usize,
+#[inline]
+fn set_thread_hint(slab: &Slab, slot: &CallSlot) {
+    let _ = THREAD_HINT.try_with(|h| h.set((slab.id, ptr::from_ref(slot))));
 }
 
 /// A channel's slab of call slots. See the module docs.
@@ -110,6 +110,8 @@ pub(crate) struct Slab {
     /// Where a thread new to this channel starts looking: moved only by the
     /// slow scan (threads that know the channel use their thread-local hint).
     hint: AtomicUsize,
+    /// Unique per slab, for the thread-local hint.
+    id: usize,
 }
 
 impl Slab {
@@ -117,6 +119,7 @@ impl Slab {
         Self {
             segments: core::array::from_fn(|_| AtomicPtr::new(ptr::null_mut())),
             hint: AtomicUsize::new(0),
+            id: NEXT_SLAB_ID.fetch_add(1, core::sync::atomic::Ordering::Relaxed),
         }
     }
 
@@ -174,30 +177,31 @@ impl Slab {
     /// taken. Releases move this thread's hint to the released slot, so a
     /// steady state finds a free slot at once even with thousands of calls in
     /// flight.
-    pub(crate) fn claim(&self) -> Claimed {
-        let hint = match thread_hint(self) {
-            Some(mine) => mine,
-            None => self.hint.load(Ordering::Relaxed),
-        };
-        match self.try_claim_at(hint) {
-            Some(claimed) => claimed,
-            None => self.claim_scan(hint),
+    #[inline]
+    pub(crate) fn claim(&self) -> NonNull<CallSlot> {
+        if let Some(slot) = thread_hint(self) {
+            if slot.state.try_occupy().is_some() {
+                return NonNull::from(slot);
+            }
         }
+        self.claim_cold()
     }
 
-    /// `claim`'s slow path: scan from the hint, then grow.
+    /// `claim` without a usable thread hint: the channel's hint, then a scan
+    /// from it, then growth.
     #[cold]
     #[inline(never)]
-    fn claim_scan(&self, hint: usize) -> Claimed {
+    fn claim_cold(&self) -> NonNull<CallSlot> {
+        let hint = self.hint.load(Ordering::Relaxed);
         let capacity = self.published_capacity();
         let start = if hint < capacity { hint } else { 0 };
         for index in (start..capacity).chain(0..start) {
-            if let Some(claimed) = self.try_claim_at(index) {
+            if let Some(slot) = self.try_claim_at(index) {
                 if index != hint {
                     // Point the next claim past us: the slot we took is busy.
                     self.hint.store(index + 1, Ordering::Relaxed);
                 }
-                return claimed;
+                return slot;
             }
         }
         // Every published slot was taken: publish more segments.
@@ -209,14 +213,10 @@ impl Slab {
             }
             let (_, first) = locate(index);
             for (off, slot) in seg.iter().enumerate().skip(first) {
-                if let Some(snap) = slot.state.try_occupy() {
+                if slot.state.try_occupy().is_some() {
                     let index = BASE * ((1 << k) - 1) + off;
                     self.hint.store(index + 1, Ordering::Relaxed);
-                    return Claimed {
-                        slot: NonNull::from(slot),
-                        index,
-                        generation: snap.generation(),
-                    };
+                    return NonNull::from(slot);
                 }
             }
             index = BASE * ((1 << (k + 1)) - 1);
@@ -224,14 +224,10 @@ impl Slab {
         panic!("callcancel: more than {index} calls in flight on one channel");
     }
 
-    fn try_claim_at(&self, index: usize) -> Option<Claimed> {
+    fn try_claim_at(&self, index: usize) -> Option<NonNull<CallSlot>> {
         let slot = self.slot(index)?;
-        let snap = slot.state.try_occupy()?;
-        Some(Claimed {
-            slot: NonNull::from(slot),
-            index,
-            generation: snap.generation(),
-        })
+        slot.state.try_occupy()?;
+        Some(NonNull::from(slot))
     }
 
     /// Slots in the published segments (segments are published in order).
@@ -248,8 +244,9 @@ impl Slab {
     /// The hint is kept per thread (for the channel the thread used last), so
     /// threads sharing a channel each come back to their own slot instead of
     /// fighting over one; the channel-wide hint serves threads new to it.
-    pub(crate) fn note_released(&self, index: usize) {
-        set_thread_hint(self, index);
+    #[inline]
+    pub(crate) fn note_released(&self, slot: &CallSlot) {
+        set_thread_hint(self, slot);
     }
 
     /// Every slot of every published segment.
@@ -267,13 +264,26 @@ impl Slab {
     /// channel starts at its own slot, so tearing down many calls costs about
     /// one look each rather than a scan each (`SeqCst`: the census side of
     /// the disposal handshake, see `ChannelShared`).
-    pub(crate) fn any_occupied_from(&self, start: usize) -> bool {
+    pub(crate) fn any_occupied_from(&self, start: Option<&CallSlot>) -> bool {
         let capacity = self.published_capacity();
+        let start = start.and_then(|s| self.index_of(s)).unwrap_or(0);
         let start = if start < capacity { start } else { 0 };
         (start..capacity).chain(0..start).any(|i| {
             self.slot(i)
                 .is_some_and(|slot| slot.state.load(Ordering::SeqCst).is_occupied())
         })
+    }
+
+    /// The index of `slot`, if it is one of this slab's.
+    fn index_of(&self, slot: &CallSlot) -> Option<usize> {
+        let addr = ptr::from_ref(slot) as usize;
+        (0..SEGMENTS)
+            .map_while(|k| Some((k, self.segment(k, Ordering::Acquire)?)))
+            .find_map(|(k, seg)| {
+                let base = seg.as_ptr() as usize;
+                let off = addr.checked_sub(base)? / core::mem::size_of::<CallSlot>();
+                (off < seg.len()).then(|| BASE * ((1 << k) - 1) + off)
+            })
     }
 
     /// Occupied slots (calls in flight, including those whose cancel
@@ -489,27 +499,32 @@ mod tests {
     fn claim_reuses_the_released_slot_and_grows_when_full() {
         let slab = Slab::new();
         let a = slab.claim();
-        assert_eq!(a.index, 0);
+        assert_eq!(a, NonNull::from(slab.slot(0).unwrap()));
+        // SAFETY: the slab is alive and the slot is ours.
+        let gen_a = unsafe { a.as_ref() }
+            .state
+            .load(Ordering::Relaxed)
+            .generation();
         let mut held = Vec::new();
         for _ in 0..3 * BASE {
             held.push(slab.claim());
         }
         assert_eq!(slab.census().occupied, 3 * BASE + 1);
-        let mut indices: Vec<_> = held.iter().map(|c| c.index).collect();
-        indices.push(a.index);
+        let mut indices: Vec<_> = held.iter().map(|c| c.as_ptr() as usize).collect();
+        indices.push(a.as_ptr() as usize);
         indices.sort_unstable();
         indices.dedup();
         assert_eq!(indices.len(), 3 * BASE + 1, "a slot was handed out twice");
         // SAFETY: the slab is alive and the slot is ours.
-        let slot = unsafe { a.slot.as_ref() };
+        let slot = unsafe { a.as_ref() };
         assert!(matches!(
             slot.state.complete(),
             crate::state::Completion::OwnerFrees { .. }
         ));
         slot.state.release();
-        slab.note_released(a.index);
+        slab.note_released(slot);
         let again = slab.claim();
-        assert_eq!(again.index, a.index);
-        assert_eq!(again.generation, a.generation + 1);
+        assert_eq!(again, a);
+        assert_eq!(slot.state.load(Ordering::Relaxed).generation(), gen_a + 1);
     }
 }

@@ -279,6 +279,7 @@ impl CallState {
     /// of the host/channel flags forms the R4 Dekker pair with the sweeps
     /// (module docs); its acquire side pairs with `release` (pair 3).
     #[must_use]
+    #[inline]
     pub(crate) fn try_occupy(&self) -> Option<Snapshot> {
         let cur = self.word.load(Ordering::Relaxed);
         if cur & OCCUPIED != 0 {
