@@ -43,6 +43,8 @@ loom cancel_vs_complete complete_vs_abort -
 loom two_aborts two_aborts_at_once -
 loom begin_call_vs_abort begin_call_vs_host_abort -
 loom begin_call_vs_abort begin_call_vs_channel_fault -
+loom begin_call_vs_abort leased_begin_call_vs_host_abort -
+loom begin_call_vs_abort leased_begin_call_vs_close -
 loom second_registration second_registration_vs_abort 3
 loom cancelled_future cancelled_future_vs_abort -
 loom cancelled_future two_cancelled_futures_vs_fault -

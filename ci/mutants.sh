@@ -16,6 +16,9 @@
 #                                          re-check of the host/channel flags (R4)
 #   no_waker_recheck       src/waiter.rs:  WaitState::poll returns Pending right after
 #                                          registering the waker (lost wake-up)
+#   no_heavy_fence         src/sync.rs:    asym::heavy does nothing: a call that
+#                                          occupied its leased slot with a plain
+#                                          store can be missed by an abort (R4)
 set -euo pipefail
 IFS=$'\n\t'
 cd "$(dirname "$0")/.."
@@ -30,6 +33,7 @@ complete_ignores_claim cancel_vs_complete cancel_vs_complete_while_callback_runs
 relaxed_publish register_vs_abort register_vs_host_abort
 no_recheck begin_call_vs_abort begin_call_vs_host_abort
 no_waker_recheck cancelled_future cancelled_future_vs_abort
+no_heavy_fence begin_call_vs_abort leased_begin_call_vs_host_abort
 "
 
 run() { # flags file test -> exit status of the model, output in $out

@@ -258,7 +258,8 @@ impl OperationContext {
         let held = after
             .any()
             .then(|| unsafe { ChannelShared::hold(self.channel.as_ptr()) });
-        panics.record(channel.release(slot, true, after));
+        // A leased slot needs no hint: this thread finds it by its tag.
+        panics.record(channel.release(slot, !prev.is_leased(), after));
         drop(held);
         if let Some(panic) = panics.into_inner() {
             if !std::thread::panicking() {

@@ -213,13 +213,16 @@ impl ChannelShared {
         // Cheap early refusal; the SeqCst re-check below is what R4 relies on.
         self.check(Ordering::Acquire)?;
         let call = Call::new(self, self.slab.claim());
-        // Ordering: SeqCst re-check after the SeqCst `try_occupy`: either we
-        // see the abort/fault flag, or its sweep sees our slot (state.rs).
+        // Ordering: the R4 pair with abort/fault/close (state.rs): our claim
+        // (a SeqCst CAS, or a plain store to our leased slot), then this
+        // fence (light side of `sync::asym`), then the SeqCst re-check;
+        // their flag RMW, then the heavy fence, then their loads of slots.
+        // Either we see their flag or they see our slot.
         // Mutant (ci/mutants.sh): skip the re-check.
         if cfg!(callcancel_mutant = "no_recheck") {
             return Ok(call);
         }
-        crate::sync::dekker_fence();
+        crate::sync::asym::light();
         if let Err(e) = self.check(Ordering::SeqCst) {
             drop(call);
             return Err(e);
@@ -231,7 +234,7 @@ impl ChannelShared {
     pub(crate) fn fault(&self) {
         // Ordering: SeqCst, first half of the R4 Dekker pair.
         self.faulted.swap(1, Ordering::SeqCst);
-        crate::sync::dekker_fence();
+        crate::sync::asym::heavy();
         let mut panics = FirstPanic::default();
         self.sweep(CancelReason::ChannelFaulted, &mut panics);
         panics.resume();

@@ -216,7 +216,10 @@ impl HostShared {
         // Every abort sweeps, even a repeated or concurrent one, so that each
         // caller can rely on A1 when it returns. Sweeps skip calls that are
         // already cancelled, so a call's callback still runs at most once.
-        crate::sync::dekker_fence();
+        // The heavy side of the R4 fence pair (`sync::asym`): a call that
+        // occupied its leased slot with a plain store is now either visible
+        // to the sweep or sees ABORTED in its re-check.
+        crate::sync::asym::heavy();
         let mut panics = FirstPanic::default();
         self.for_each_channel(|c| c.sweep(CancelReason::HostAbort, &mut panics));
         panics.resume();
@@ -232,6 +235,10 @@ impl HostShared {
                 Err(actual) => cur = actual,
             }
         }
+        // Heavy side of the R4 fence pair (`sync::asym`), by every closer
+        // (not only the one that moved the state): a call that slipped in
+        // beside CLOSING is seen by the idle census that follows.
+        crate::sync::asym::heavy();
         cur
     }
 
@@ -314,6 +321,7 @@ impl Default for ServiceHost {
 impl ServiceHost {
     /// Creates an open host.
     pub fn new() -> Self {
+        crate::sync::asym::init();
         let core = Arc::new(HostCore::new());
         let shards = (0..shard_count())
             // Each shard starts with one handle: the host's (see `Drop`).

@@ -104,13 +104,135 @@ fn set_thread_hint(slab: &Slab, slot: &CallSlot) {
     let _ = THREAD_HINT.try_with(|h| h.set((slab.id, ptr::from_ref(slot))));
 }
 
+/// Lease tags. A live thread holds at most one tag `t < LEASES` (the first
+/// `LEASES` threads that begin a call get one; a tag returns to the pool when
+/// its thread exits). Slot `t` of the first segment of every slab is the
+/// tag's *lease slot*: the tag's holder takes it with a CAS that also sets
+/// `LEASED`, and from then on it is reserved for whichever live thread holds
+/// tag `t`: other claimers skip it, and its holder occupies it with a plain
+/// store (`CallState::occupy_leased`), saving the one atomic
+/// read-modify-write of `begin_call`. A thread owns at most one lease slot
+/// per channel, so at most `LEASES` slots of a slab are reserved.
+const LEASES: usize = BASE;
+
+/// Bit `t` set: tag `t` is held by a live thread. A std atomic: it only
+/// hands out tags (under loom, inside a per-execution lazy static).
+type TagPool = core::sync::atomic::AtomicUsize;
+
+fn take_tag(pool: &TagPool) -> Option<usize> {
+    use core::sync::atomic::Ordering as O;
+    let mut cur = pool.load(O::Relaxed);
+    loop {
+        let free = !cur & ((1 << LEASES) - 1);
+        if free == 0 {
+            return None;
+        }
+        let tag = free.trailing_zeros() as usize;
+        // Ordering: Acquire, pairing with `give_back_tag`: a new holder
+        // comes after everything the previous holder of the tag did.
+        match pool.compare_exchange_weak(cur, cur | 1 << tag, O::Acquire, O::Relaxed) {
+            Ok(_) => return Some(tag),
+            Err(actual) => cur = actual,
+        }
+    }
+}
+
+#[cfg(not(loom))]
+fn give_back_tag(pool: &TagPool, tag: usize) {
+    pool.fetch_and(!(1 << tag), core::sync::atomic::Ordering::Release);
+}
+
+#[cfg(not(loom))]
+static TAGS: TagPool = TagPool::new(0);
+
+#[cfg(not(loom))]
+const TAG_UNASSIGNED: u8 = u8::MAX;
+#[cfg(not(loom))]
+const TAG_NONE: u8 = u8::MAX - 1;
+
+#[cfg(not(loom))]
+std::thread_local! {
+    /// This thread's lease tag, `TAG_UNASSIGNED` or `TAG_NONE`.
+    static LEASE_TAG: core::cell::Cell<u8> = const { core::cell::Cell::new(TAG_UNASSIGNED) };
+    /// Gives the tag back when the thread exits.
+    static LEASE_GUARD: LeaseGuard = const { LeaseGuard };
+}
+
+#[cfg(not(loom))]
+struct LeaseGuard;
+
+#[cfg(not(loom))]
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        let _ = LEASE_TAG.try_with(|t| {
+            let tag = usize::from(t.replace(TAG_NONE));
+            if tag < LEASES {
+                give_back_tag(&TAGS, tag);
+            }
+        });
+    }
+}
+
+/// This thread's lease tag, if it holds one (assigned on first use).
+#[cfg(not(loom))]
+#[inline]
+fn lease_tag() -> Option<usize> {
+    let tag = LEASE_TAG.try_with(core::cell::Cell::get).ok()?;
+    if usize::from(tag) < LEASES {
+        Some(usize::from(tag))
+    } else if tag == TAG_UNASSIGNED {
+        assign_lease_tag()
+    } else {
+        None
+    }
+}
+
+#[cfg(not(loom))]
+#[cold]
+#[inline(never)]
+fn assign_lease_tag() -> Option<usize> {
+    // Register the guard first: a thread whose thread-locals are being torn
+    // down gets no tag (it could not give it back).
+    let tag = match LEASE_GUARD.try_with(|_| ()) {
+        Ok(()) => take_tag(&TAGS),
+        Err(_) => None,
+    };
+    let _ = LEASE_TAG.try_with(|t| {
+        t.set(tag.map_or(TAG_NONE, |t| t as u8));
+    });
+    tag
+}
+
+#[cfg(loom)]
+loom::lazy_static! {
+    static ref TAGS: TagPool = TagPool::new(0);
+}
+
+/// Under loom a tag is never given back: the pool lives for one execution
+/// (and loom's lazy statics are gone when thread-locals drop).
+#[cfg(loom)]
+struct LoomLease(Option<usize>);
+
+#[cfg(loom)]
+loom::thread_local! {
+    static LEASE: LoomLease = LoomLease(take_tag(&TAGS));
+}
+
+/// Under loom the tag lives in a loom thread-local (fresh in every
+/// execution), so models run the leased path.
+#[cfg(loom)]
+fn lease_tag() -> Option<usize> {
+    LEASE.try_with(|l| l.0).ok().flatten()
+}
+
 /// A channel's slab of call slots. See the module docs.
 pub(crate) struct Slab {
     segments: [AtomicPtr<CallSlot>; SEGMENTS],
     /// Where a thread new to this channel starts looking: moved only by the
     /// slow scan (threads that know the channel use their thread-local hint).
     hint: AtomicUsize,
-    /// Unique per slab, for the thread-local hint.
+    /// Unique per slab, for the thread-local hint (which loom builds lack).
+    #[cfg_attr(loom, allow(dead_code))]
     id: usize,
 }
 
@@ -169,22 +291,40 @@ impl Slab {
         self.segment(k, Ordering::Acquire).map(|seg| &seg[off])
     }
 
-    /// Takes a free slot (the `OCCUPIED` CAS is `SeqCst`: see `state.rs`).
+    /// Takes a free slot: this thread's lease slot if it is free (a plain
+    /// store), else with a `SeqCst` CAS (see `state.rs`).
     ///
-    /// Tries the hint (this thread's last released slot here, else the
-    /// channel's) first, then scans the published segments from the hint
+    /// Tries the lease slot, then the hint (this thread's last released slot
+    /// here, else the channel's), then scans the published segments from the hint
     /// onwards, wrapping around, and grows the slab only when every slot is
     /// taken. Releases move this thread's hint to the released slot, so a
     /// steady state finds a free slot at once even with thousands of calls in
     /// flight.
     #[inline]
     pub(crate) fn claim(&self) -> NonNull<CallSlot> {
+        if let Some(slot) = self.lease_slot() {
+            // A plain store: the caller's `sync::asym::light` fence before
+            // its flag re-check completes the R4 pair (`state.rs`).
+            if slot.state.occupy_leased().is_some() || slot.state.try_occupy_and_lease().is_some() {
+                return NonNull::from(slot);
+            }
+        }
         if let Some(slot) = thread_hint(self) {
             if slot.state.try_occupy().is_some() {
                 return NonNull::from(slot);
             }
         }
         self.claim_cold()
+    }
+
+    /// This thread's lease slot here, if leases are on and it holds a tag.
+    #[inline]
+    fn lease_slot(&self) -> Option<&CallSlot> {
+        if !crate::sync::asym::leases_enabled() {
+            return None;
+        }
+        let tag = lease_tag()?;
+        self.segment(0, Ordering::Acquire).map(|seg| &seg[tag])
     }
 
     /// `claim` without a usable thread hint: the channel's hint, then a scan
@@ -526,5 +666,48 @@ mod tests {
         let again = slab.claim();
         assert_eq!(again, a);
         assert_eq!(slot.state.load(Ordering::Relaxed).generation(), gen_a + 1);
+    }
+
+    #[test]
+    fn a_threads_second_call_reuses_its_leased_slot() {
+        if !crate::sync::asym::leases_enabled() || lease_tag().is_none() {
+            // No membarrier here (or every tag is held): nothing to lease.
+            return;
+        }
+        let slab = Slab::new();
+        let tag = lease_tag().unwrap();
+        // First call: may land anywhere (the lease slot needs segment 0).
+        let first = slab.claim();
+        // SAFETY: the slab is alive and the slot is ours.
+        let first = unsafe { first.as_ref() };
+        assert!(matches!(
+            first.state.complete(),
+            crate::state::Completion::OwnerFrees { .. }
+        ));
+        first.state.release();
+        let lease = &slab.segment(0, Ordering::Acquire).unwrap()[tag];
+        // Now segment 0 exists: the next call takes the lease slot and leases it.
+        let second = slab.claim();
+        assert_eq!(second, NonNull::from(lease));
+        assert!(lease.state.load(Ordering::Relaxed).is_leased());
+        // Another claimer (no lease) skips it while it is free.
+        assert!(matches!(
+            lease.state.complete(),
+            crate::state::Completion::OwnerFrees { .. }
+        ));
+        lease.state.release();
+        let snap = lease.state.load(Ordering::Relaxed);
+        assert!(
+            snap.is_leased() && !snap.is_occupied(),
+            "release keeps the lease"
+        );
+        assert!(
+            lease.state.try_occupy().is_none(),
+            "claimers skip a leased slot"
+        );
+        // Its holder takes it again with a plain store.
+        let third = slab.claim();
+        assert_eq!(third, NonNull::from(lease));
+        assert!(lease.state.load(Ordering::Relaxed).is_occupied());
     }
 }

@@ -13,13 +13,14 @@
 //! ```text
 //!  63 .................. 10   9        8       7         6        5        4        3          2          1        0
 //! +------------------------+--------+-------+---------+--------+--------+--------+---------+------------+--------+----------+
-//! |       generation       |OVERFLOW|WAITER |COMPLETED|CB_DONE |CLAIMED |R_FAULT |CANCELLED| REGISTERED | (free) | OCCUPIED |
+//! |       generation       |OVERFLOW|WAITER |COMPLETED|CB_DONE |CLAIMED |R_FAULT |CANCELLED| REGISTERED | LEASED | OCCUPIED |
 //! +------------------------+--------+-------+---------+--------+--------+--------+---------+------------+--------+----------+
 //! ```
 //!
 //! | bit | meaning | set by | invariant |
 //! |---|---|---|---|
-//! | `OCCUPIED` | a live call owns the slot | `begin_call` ([`CallState::try_occupy`]) | cleared only by [`CallState::release`], which also bumps the generation |
+//! | `OCCUPIED` | a live call owns the slot | `begin_call` ([`CallState::try_occupy`], [`CallState::try_occupy_and_lease`], [`CallState::occupy_leased`]) | cleared only by [`CallState::release`], which also bumps the generation |
+//! | `LEASED` | the slot is reserved for the live thread holding its lease tag (`registry.rs`) | that thread's `try_occupy_and_lease` | never cleared; `release` keeps it. A free leased word is written by nobody but the lease holder, whose `occupy_leased` is therefore a plain store |
 //! | `REGISTERED` | a registrar won the slot's one registration | the first registrar ([`CallState::publish_registration`]) | later registrars see it and fail with `AlreadyRegistered`; the registration's bytes are published separately (the slot's vtable pointer, `slot.rs`) |
 //! | `CANCELLED` | cancellation decided | the first canceller ([`CallState::request_cancel`]) | set at most once per generation; never once `COMPLETED` is set |
 //! | `R_FAULT` | reason is `ChannelFaulted` (else `HostAbort`) | the same RMW as `CANCELLED` | meaningful only with `CANCELLED`; never changes afterwards (R5) |
@@ -52,7 +53,8 @@
 //! ```
 //!
 //! # Reachable combinations (ignoring `WAITER`/`OVERFLOW`, which may be added
-//! to any row while `COMPLETED` is clear)
+//! to any row while `COMPLETED` is clear, and `LEASED`, which may be set in
+//! any row and stays)
 //!
 //! | OCC | REG | CANC | CLAIM | CB_DONE | COMPL | meaning |
 //! |---|---|---|---|---|---|---|
@@ -89,7 +91,11 @@
 //!   RMW before its sweep loads slot states with `SeqCst`. In the single total
 //!   order of `SeqCst` operations either the re-check sees the flag (the call
 //!   is refused) or the sweep sees the slot occupied (the call is cancelled):
-//!   never neither (R4).
+//!   never neither (R4). `occupy_leased` is a plain store instead; there the
+//!   pair is the asymmetric fence of `sync::asym`: a compiler fence between
+//!   the store and the re-check, a process-wide membarrier between the
+//!   sweeper's flag RMW and its loads. Its `Acquire` load pairs with
+//!   `release` (pair 3) like the CAS does.
 //! * The RMW that makes a thread the freer (`complete` or `finish_cancel`) is
 //!   `SeqCst` and is followed by a `SeqCst` load of the host's idle-waiter
 //!   count; `wait_idle` increments that count (`SeqCst`) before it scans. So a
@@ -103,6 +109,7 @@ use crate::sync::{AtomicUsize, Ordering};
 use crate::CancelReason;
 
 const OCCUPIED: usize = 1 << 0;
+const LEASED: usize = 1 << 1;
 const REGISTERED: usize = 1 << 2;
 const CANCELLED: usize = 1 << 3;
 const R_FAULT: usize = 1 << 4;
@@ -124,6 +131,11 @@ pub(crate) struct Snapshot(usize);
 impl Snapshot {
     pub(crate) fn is_occupied(self) -> bool {
         self.0 & OCCUPIED != 0
+    }
+    /// The slot is reserved for the thread holding its lease tag.
+    #[inline]
+    pub(crate) fn is_leased(self) -> bool {
+        self.0 & LEASED != 0
     }
     pub(crate) fn generation(self) -> usize {
         self.0 >> GEN_SHIFT
@@ -163,6 +175,7 @@ impl core::fmt::Debug for Snapshot {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         let names = [
             (OCCUPIED, "OCCUPIED"),
+            (LEASED, "LEASED"),
             (REGISTERED, "REGISTERED"),
             (CANCELLED, "CANCELLED"),
             (R_FAULT, "R_FAULT"),
@@ -273,23 +286,60 @@ impl CallState {
         Snapshot(self.word.load(order))
     }
 
-    /// `begin_call`: take a free slot. Returns the occupied snapshot.
+    /// `begin_call`: take a free slot that is not leased. Returns the
+    /// occupied snapshot.
     ///
     /// Ordering: `SeqCst`, so that the caller's following `SeqCst` re-check
     /// of the host/channel flags forms the R4 Dekker pair with the sweeps
     /// (module docs); its acquire side pairs with `release` (pair 3).
-    #[must_use]
     #[inline]
+    #[must_use]
     pub(crate) fn try_occupy(&self) -> Option<Snapshot> {
+        self.try_occupy_setting(0)
+    }
+
+    /// `begin_call` on the slot its thread may lease: take it if it is free
+    /// and not leased yet, and lease it in the same CAS. Orderings as
+    /// [`CallState::try_occupy`].
+    #[must_use]
+    pub(crate) fn try_occupy_and_lease(&self) -> Option<Snapshot> {
+        self.try_occupy_setting(LEASED)
+    }
+
+    #[inline]
+    fn try_occupy_setting(&self, extra: usize) -> Option<Snapshot> {
         let cur = self.word.load(Ordering::Relaxed);
-        if cur & OCCUPIED != 0 {
+        if cur & (OCCUPIED | LEASED) != 0 {
             return None;
         }
-        let new = cur | OCCUPIED;
+        let new = cur | OCCUPIED | extra;
         self.word
             .compare_exchange(cur, new, Ordering::SeqCst, Ordering::Relaxed)
             .ok()
             .map(|_| Snapshot(new))
+    }
+
+    /// `begin_call` by the holder of this slot's lease: occupy it with a
+    /// plain store if it is free.
+    ///
+    /// The caller must hold the slot's lease (`registry.rs`): then no other
+    /// thread writes the word while it is free and leased (claimers skip
+    /// `LEASED`, sweepers and waiters need `OCCUPIED`, stale CASes carry an
+    /// old generation), so a load and a store cannot lose an update.
+    ///
+    /// Ordering: `Acquire` load, pairing with `release` (pair 3); `Relaxed`
+    /// store, followed by `sync::asym::light` before the flag re-check (the
+    /// R4 pair, module docs).
+    #[inline]
+    #[must_use]
+    pub(crate) fn occupy_leased(&self) -> Option<Snapshot> {
+        let cur = self.word.load(Ordering::Acquire);
+        if cur & (OCCUPIED | LEASED) != LEASED {
+            return None;
+        }
+        let new = cur | OCCUPIED;
+        self.word.store(new, Ordering::Relaxed);
+        Some(Snapshot(new))
     }
 
     /// A registration: become *the* registrar, in one RMW.
@@ -384,8 +434,8 @@ impl CallState {
         }
     }
 
-    /// The freer hands the slot back: clear every flag and bump the
-    /// generation with one `Release` store (pair 3). No RMW is needed: in the
+    /// The freer hands the slot back: clear every flag but `LEASED` and bump
+    /// the generation with one `Release` store (pair 3). No RMW is needed: in the
     /// finishing phase no other thread writes the word (module docs).
     pub(crate) fn release(&self) {
         let cur = Snapshot(self.word.load(Ordering::Relaxed));
@@ -428,7 +478,7 @@ impl CallState {
 }
 
 fn next_free(cur: Snapshot) -> usize {
-    ((cur.0 & !FLAGS_MASK).wrapping_add(1 << GEN_SHIFT)) & !FLAGS_MASK
+    (((cur.0 & !FLAGS_MASK).wrapping_add(1 << GEN_SHIFT)) & !FLAGS_MASK) | (cur.0 & LEASED)
 }
 
 #[cfg(all(test, not(loom)))]

@@ -64,3 +64,74 @@ fn begin_call_vs_channel_fault() {
         assert_eq!(host.in_flight(), 0);
     });
 }
+
+/// The leased path: this thread's second call occupies its lease slot with a
+/// plain store (`CallState::occupy_leased`), so R4 rests on the asymmetric
+/// fence pair (`sync::asym`, a `SeqCst` fence on each side under loom).
+#[test]
+fn leased_begin_call_vs_host_abort() {
+    loom::model(|| {
+        let host = ServiceHost::new();
+        let channel = host.open_channel().unwrap();
+        // The first call takes this thread's lease slot with a CAS and
+        // leases it; the second one below takes it with a plain store.
+        channel.begin_call().unwrap().complete();
+        let aborter = {
+            let host = host.clone();
+            loom::thread::spawn(move || host.abort())
+        };
+        let begun = channel.begin_call();
+        aborter.join().unwrap();
+        match begun {
+            Ok(call) => {
+                assert_eq!(call.cancel_reason(), Some(CancelReason::HostAbort));
+                let p = Probe::new();
+                p.register(&call).unwrap();
+                assert_eq!(p.cancels(), 1, "R4: inline run after a missed abort");
+                call.complete();
+                p.assert_settled();
+            }
+            Err(e) => assert_eq!(e, Error::HostAborted),
+        }
+        assert_eq!(host.in_flight(), 0);
+    });
+}
+
+/// A close racing a leased `begin_call`: either the call is refused, or the
+/// close's idle census sees it and waits for its completion.
+#[test]
+fn leased_begin_call_vs_close() {
+    use loom::sync::atomic::{AtomicBool, Ordering};
+    use loom::sync::Arc;
+    loom::model(|| {
+        let host = ServiceHost::new();
+        let channel = host.open_channel().unwrap();
+        channel.begin_call().unwrap().complete();
+        let finished = Arc::new(AtomicBool::new(false));
+        let closer = {
+            let host = host.clone();
+            let finished = Arc::clone(&finished);
+            loom::thread::spawn(move || {
+                host.close(std::time::Duration::from_secs(3600)).unwrap();
+                // A2: close returns only once the call that got in is done.
+                finished.load(Ordering::SeqCst)
+            })
+        };
+        let began = match channel.begin_call() {
+            Ok(call) => {
+                finished.store(true, Ordering::SeqCst);
+                call.complete();
+                true
+            }
+            Err(e) => {
+                assert_eq!(e, Error::HostClosed);
+                false
+            }
+        };
+        let saw_finished = closer.join().unwrap();
+        if began {
+            assert!(saw_finished, "close returned while a call was in flight");
+        }
+        assert_eq!(host.in_flight(), 0);
+    });
+}
