@@ -258,8 +258,7 @@ impl OperationContext {
         let held = after
             .any()
             .then(|| unsafe { ChannelShared::hold(self.channel.as_ptr()) });
-        // A leased slot needs no hint: this thread finds it by its tag.
-        panics.record(channel.release(slot, !prev.is_leased(), after));
+        panics.record(channel.release(slot, Some(prev), after));
         drop(held);
         if let Some(panic) = panics.into_inner() {
             if !std::thread::panicking() {

@@ -278,7 +278,7 @@ impl ChannelShared {
                         panics.record(unsafe { slot.free_registration(true) });
                         // The sweeper holds an `Arc` of this channel, so it
                         // may look after it past the release.
-                        panics.record(self.release(slot, false, after));
+                        panics.record(self.release(slot, None, after));
                     }
                 }
             }
@@ -336,9 +336,10 @@ impl ChannelShared {
         }
     }
 
-    /// Hands a finished slot back. If `owner` (the freer is the call's own
-    /// thread), the slot becomes this thread's hint for its next
-    /// `begin_call` here. The caller must hold a
+    /// Hands a finished slot back. `owner` is the word `complete` returned
+    /// when the freer is the call's owner: then the slot (unless it is this
+    /// thread's leased one) becomes this thread's hint for its next
+    /// `begin_call` here, and the release needs no load. The caller must hold a
     /// strong reference if `after` asks for any duty (see
     /// [`ChannelShared::hold`]).
     /// Returns the first panic of an idle waiter's waker, if any.
@@ -347,13 +348,18 @@ impl ChannelShared {
     pub(crate) fn release(
         &self,
         slot: &CallSlot,
-        owner: bool,
+        owner: Option<Snapshot>,
         after: AfterRelease,
     ) -> Option<Panic> {
-        if owner {
-            self.slab.note_released(slot);
+        match owner {
+            Some(prev) => {
+                if !prev.is_leased() {
+                    self.slab.note_released(slot);
+                }
+                slot.state.release_from(prev.with_completed());
+            }
+            None => slot.state.release(),
         }
-        slot.state.release();
         if after.any() {
             self.release_duties(slot, after)
         } else {

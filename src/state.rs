@@ -155,6 +155,11 @@ impl Snapshot {
     pub(crate) fn is_registered(self) -> bool {
         self.0 & REGISTERED != 0
     }
+    /// The word as the owner's `complete` left it.
+    #[inline]
+    pub(crate) fn with_completed(self) -> Self {
+        Self(self.0 | COMPLETED)
+    }
     pub(crate) fn has(self, bit: usize) -> bool {
         self.0 & bit != 0
     }
@@ -438,10 +443,21 @@ impl CallState {
     /// the generation with one `Release` store (pair 3). No RMW is needed: in the
     /// finishing phase no other thread writes the word (module docs).
     pub(crate) fn release(&self) {
-        let cur = Snapshot(self.word.load(Ordering::Relaxed));
+        self.release_from(Snapshot(self.word.load(Ordering::Relaxed)));
+    }
+
+    /// [`CallState::release`] by a freer that knows the word's last value
+    /// (nobody else writes it in the finishing phase), saving the load.
+    #[inline]
+    pub(crate) fn release_from(&self, cur: Snapshot) {
         debug_assert!(
             cur.is_occupied() && cur.is_completed(),
             "release of {cur:?}"
+        );
+        debug_assert_eq!(
+            self.word.load(Ordering::Relaxed),
+            cur.0,
+            "the word changed in the finishing phase"
         );
         self.word.store(next_free(cur), Ordering::Release);
     }
