@@ -81,10 +81,11 @@ row "complete, orphaned, 2k" complete-orphaned 2000
 row "complete, orphaned, 4k" complete-orphaned 4000
 
 # P4: is_cancelled() should be one acquire load (on x86-64 a plain `mov`,
-# with no `lock` prefix). Show its machine code when objdump is available.
+# with no `lock` prefix). It is inlined into the measured loop, so show that
+# loop's machine code when objdump is available.
 if command -v objdump >/dev/null 2>&1; then
   echo
-  echo "OperationContext::is_cancelled:"
+  echo "measured_is_cancelled_callcancel (is_cancelled inlined):"
   objdump -d --no-show-raw-insn -C "$bin" |
-    awk '/<callcancel::call::OperationContext::is_cancelled>:/ { p = 1; next } p && /^$/ { exit } p && !/int3/ { print }'
+    awk '/<callgrind_driver::measured_is_cancelled_callcancel>:/ { p = 1; next } p && /^$/ { exit } p && !/int3/ { print }'
 fi

@@ -15,6 +15,19 @@
 //! abort) walks every slot of every published segment: linear in capacity,
 //! which is at most twice the channel's peak concurrency.
 //!
+//! # Leased slots
+//!
+//! The first `LEASES` (8) threads that begin calls each hold a lease tag `t`
+//! (given back when the thread exits). Slot `t` of a slab's first segment is
+//! that tag's lease slot: the first time the holder finds it free it takes it
+//! with a CAS that also sets `LEASED`, and from then on nobody else claims it,
+//! so the holder re-occupies it with a plain store (`occupy_leased`). Leases
+//! are on only where the asymmetric fence of `sync::asym` is (Linux
+//! `membarrier`, or loom and miri, which use full fences): the plain store
+//! needs it for the R4 handshake (`state.rs`). A slab thus has at most eight
+//! reserved slots; a leased slot whose tag no live thread holds waits for the
+//! tag's next holder.
+//!
 //! # Host channel table ([`ChannelTable`])
 //!
 //! The host reaches its channels through an `ArcSwap` snapshot of a list of
