@@ -63,9 +63,11 @@
 //! generation. The host reaches its channels through an `arc-swap` snapshot
 //! of a table whose entries are reclaimed through **crossbeam-epoch**; no
 //! epoch pin is held while user code runs. `cancelled()` parks on
-//! **atomic-waker**. The hot path (`begin_call`, register, complete) is three
-//! read-modify-writes on the call's own state word plus one plain store, with
-//! no allocation for a state and closures of up to three words, and no
+//! **atomic-waker**. The hot path (`begin_call`, register, complete) is two
+//! read-modify-writes on the call's own state word plus two plain stores (a
+//! thread re-occupies its leased slot with a store; abort, fault and close
+//! pay a process-wide `membarrier` for that instead: see the README's
+//! Design section), with no allocation for a state and closures of up to three words, and no
 //! reference count: it writes no line shared by every call of the host (nor,
 //! in the steady state, by every call of the channel).
 //!

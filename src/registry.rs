@@ -265,6 +265,7 @@ impl Slab {
     /// publication is `SeqCst` and precedes the claimer's `SeqCst`
     /// `try_occupy`, so a sweep that follows the abort/fault flag in the
     /// `SeqCst` order sees every segment a surviving call lives in (R4).
+    #[inline]
     fn segment(&self, k: usize, order: Ordering) -> Option<&[CallSlot]> {
         let p = self.segments[k].load(order);
         if p.is_null() {

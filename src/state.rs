@@ -4,9 +4,10 @@
 //! callback", "who frees the state", "may this slot be reused" are answered
 //! by the *return value* of a single read-modify-write on this word, so no
 //! two threads can both believe they won. The uncontended lifecycle costs
-//! three RMWs on this (call-private) word: `try_occupy`,
-//! `publish_registration` and `complete`; the release that follows is a
-//! plain store.
+//! two RMWs on this (call-private) word, `publish_registration` and
+//! `complete`, when the thread occupies its leased slot (`occupy_leased`, a
+//! plain store); three with the `try_occupy` CAS otherwise. The release that
+//! follows is a plain store.
 //!
 //! # Bits
 //!
