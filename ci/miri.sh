@@ -86,6 +86,7 @@ tests=(
   --test a3_reentrant
   --test a4_panics
   --test async_cancelled
+  --test lease_handoff
 )
 t0=$SECONDS
 log=$(mktemp)

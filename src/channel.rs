@@ -384,6 +384,12 @@ impl ChannelShared {
     }
 
     pub(crate) fn in_flight(&self) -> usize {
+        // As `HostCore::fence_if_refusing`, for a fault too.
+        if self.is_faulted() {
+            crate::sync::asym::heavy();
+        } else {
+            self.host.fence_if_refusing();
+        }
         self.slab.census().occupied
     }
 }
@@ -466,6 +472,10 @@ impl Channel {
     /// was aborted / is closing, and with [`Error::ChannelFaulted`] once this
     /// channel faulted. A call that this returns is guaranteed to be
     /// cancelled by any later abort or fault (R4).
+    ///
+    /// Not async-signal-safe: do not call it from a signal handler (its
+    /// leased fast path is a load and a store that a handler on the same
+    /// thread must not interleave with).
     #[inline]
     pub fn begin_call(&self) -> Result<Call, Error> {
         self.shared.begin_call()
@@ -485,6 +495,10 @@ impl Channel {
     /// If a cancel callback (or a free-state it had to run) panics, the sweep
     /// still notifies every other call; then the first panic is re-raised
     /// from `fault` (A4).
+    ///
+    /// Cost: besides the sweep of this channel, one process-wide memory
+    /// barrier (Linux `membarrier`, a few microseconds), as for
+    /// [`ServiceHost::abort`](crate::ServiceHost::abort).
     pub fn fault(&self) {
         self.shared.fault();
     }

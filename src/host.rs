@@ -94,6 +94,18 @@ impl HostCore {
         }
     }
 
+    /// Before a census: if the host refuses new calls, run the heavy side of
+    /// the R4 fence pair (`sync::asym`) so that a leased call that slipped in
+    /// beside the abort or close (its re-check read `Open`) is counted even
+    /// by a thread that saw the refusal before the aborter's or closer's own
+    /// barrier finished. While the host is open a call missed here simply
+    /// began after the census.
+    pub(crate) fn fence_if_refusing(&self) {
+        if self.check_accepting(Ordering::SeqCst).is_err() {
+            crate::sync::asym::heavy();
+        }
+    }
+
     /// Whether anybody waits for idle: read by a freer right after its
     /// deciding `SeqCst` RMW (the freer's half of the idle Dekker pair; see
     /// the module docs).
@@ -148,6 +160,7 @@ impl HostShared {
     }
 
     fn census(&self) -> Census {
+        self.core.fence_if_refusing();
         let mut c = Census::default();
         self.for_each_channel(|ch| c += ch.slab.census());
         c

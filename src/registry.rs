@@ -13,7 +13,8 @@
 //! even with several threads on one channel (P5); a channel-wide hint, moved
 //! only by the slow scan, serves threads new to the channel. A sweep (fault or
 //! abort) walks every slot of every published segment: linear in capacity,
-//! which is at most twice the channel's peak concurrency.
+//! which is at most twice the channel's peak concurrency plus the (at most
+//! eight) leased slots below.
 //!
 //! # Leased slots
 //!
@@ -84,6 +85,19 @@ std::thread_local! {
 /// synchronising atomic, so plain `core` even under loom.
 static NEXT_SLAB_ID: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(1);
 
+/// The id of every slab made after the ids ran out (2^32 slabs on a 32-bit
+/// target; never on 64-bit): such slabs share it and never use the thread
+/// hint, so a stale hint can never name a live slab's slot.
+#[cfg_attr(loom, allow(dead_code))]
+const NO_SLAB_ID: usize = usize::MAX;
+
+fn next_slab_id() -> usize {
+    use core::sync::atomic::Ordering as O;
+    NEXT_SLAB_ID
+        .fetch_update(O::Relaxed, O::Relaxed, |v| v.checked_add(1))
+        .unwrap_or(NO_SLAB_ID)
+}
+
 /// This thread's last released slot in `slab`, if its last release was there.
 /// Only a hint: a slot taken since merely fails `try_occupy`.
 ///
@@ -102,7 +116,7 @@ fn set_thread_hint(_slab: &Slab, _slot: &CallSlot) {}
 #[inline]
 fn thread_hint(slab: &Slab) -> Option<&CallSlot> {
     let (id, slot) = THREAD_HINT.try_with(core::cell::Cell::get).ok()?;
-    if id != slab.id {
+    if id != slab.id || slab.id == NO_SLAB_ID {
         return None;
     }
     // SAFETY: ids are never reused, so the hint was left by a release on
@@ -114,7 +128,9 @@ fn thread_hint(slab: &Slab) -> Option<&CallSlot> {
 #[cfg(not(loom))]
 #[inline]
 fn set_thread_hint(slab: &Slab, slot: &CallSlot) {
-    let _ = THREAD_HINT.try_with(|h| h.set((slab.id, ptr::from_ref(slot))));
+    if slab.id != NO_SLAB_ID {
+        let _ = THREAD_HINT.try_with(|h| h.set((slab.id, ptr::from_ref(slot))));
+    }
 }
 
 /// Lease tags. A live thread holds at most one tag `t < LEASES` (the first
@@ -254,7 +270,7 @@ impl Slab {
         Self {
             segments: core::array::from_fn(|_| AtomicPtr::new(ptr::null_mut())),
             hint: AtomicUsize::new(0),
-            id: NEXT_SLAB_ID.fetch_add(1, core::sync::atomic::Ordering::Relaxed),
+            id: next_slab_id(),
         }
     }
 
@@ -264,7 +280,11 @@ impl Slab {
     /// so the slots' initialisation is visible. Sweeps pass `SeqCst`: the
     /// publication is `SeqCst` and precedes the claimer's `SeqCst`
     /// `try_occupy`, so a sweep that follows the abort/fault flag in the
-    /// `SeqCst` order sees every segment a surviving call lives in (R4).
+    /// `SeqCst` order sees every segment a surviving call lives in (R4). A
+    /// leased claim loads segment 0 (Acquire) before its `asym::light`
+    /// fence, and the sweeper's heavy side comes between its flag and this
+    /// load, so the same holds for the leased path (the fence rules of the
+    /// `SeqCst` order, with membarrier standing in for the claimer's fence).
     #[inline]
     fn segment(&self, k: usize, order: Ordering) -> Option<&[CallSlot]> {
         let p = self.segments[k].load(order);

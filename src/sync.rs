@@ -101,8 +101,16 @@ pub(crate) mod asym {
         if STATUS.load(Ordering::Acquire) == UNKNOWN {
             let on = !disabled_by_env() && register();
             // Ordering: Release, read with Acquire by `leases_enabled` and
-            // `heavy`. Racing initialisers store the same answer.
-            STATUS.store(if on { ON } else { OFF }, Ordering::Release);
+            // `heavy`. The first answer wins and never changes: racing
+            // initialisers may disagree (seccomp filters are per thread, the
+            // environment may change), and turning ON into OFF after leased
+            // calls began would leave them without a heavy side.
+            let _ = STATUS.compare_exchange(
+                UNKNOWN,
+                if on { ON } else { OFF },
+                Ordering::Release,
+                Ordering::Relaxed,
+            );
         }
     }
 
@@ -187,9 +195,14 @@ pub(crate) mod asym {
         // SAFETY: as in `register`.
         let r = unsafe { libc::syscall(libc::SYS_membarrier, PRIVATE_EXPEDITED, 0, 0) };
         // Registered and tried in `init`; the kernel documents no later
-        // failure. If one happened anyway, leased calls could go unseen:
-        // refuse to continue rather than lose a cancellation.
-        assert_eq!(r, 0, "callcancel: membarrier failed after registration");
+        // failure (a stricter seccomp filter on this thread could still
+        // refuse it). Then leased calls could go unseen by the sweep that
+        // follows, and a caught panic would leave the flag set and the sweep
+        // undone: stop the process rather than lose a cancellation.
+        if r != 0 {
+            eprintln!("callcancel: membarrier failed after registration; aborting the process");
+            std::process::abort();
+        }
     }
 
     #[cfg(all(not(target_os = "linux"), not(any(loom, miri))))]
