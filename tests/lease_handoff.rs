@@ -7,8 +7,12 @@
 //! the next thread that begins a call. The hand-offs are ordered only by
 //! `Relaxed` flags, which create no happens-before edge: so under miri and
 //! ThreadSanitizer a missing `Release`/`Acquire` pair on the state word or
-//! the tag pool shows up as a data race on the slot's callback storage. The
-//! assertions count callbacks and frees (R1, R2, R4).
+//! the tag pool shows up as a data race on the slot's callback storage, and
+//! under miri's weak-memory emulation the abort must find D's calls through
+//! the R4 fence pair alone. The assertions count callbacks and frees (R1,
+//! R2, R4). (Under miri the `SeqCst` fence standing in for `asym::light`
+//! also acquires, so it would mask a too-weak load in `occupy_leased`:
+//! checked by hand, a `Relaxed` load there passes under miri.)
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
@@ -27,11 +31,14 @@ fn register(call: &Call, counts: &Arc<Counts>, payload: u64) {
         payload,
         move |_, s| {
             assert_eq!(*s, payload);
-            c.cancels.fetch_add(1, Ordering::SeqCst);
+            // Relaxed, like every hand-off flag here: a SeqCst access would
+            // give miri (which treats SeqCst as a global clock) an edge the
+            // state word is supposed to provide.
+            c.cancels.fetch_add(1, Ordering::Relaxed);
         },
         move |s| {
             assert_eq!(s, payload);
-            f.frees.fetch_add(1, Ordering::SeqCst);
+            f.frees.fetch_add(1, Ordering::Relaxed);
         },
     )
     .map_err(|_| "already registered")
@@ -100,7 +107,11 @@ fn a_lease_slot_passes_between_threads_without_losing_state() {
                 calls.push(call);
             }
             d_ready.store(true, Ordering::Relaxed);
-            spin_until(&go_abort);
+            // Acquire: reading the reasons below must come after the abort
+            // returned (R4 speaks of observers ordered after it).
+            while !go_abort.load(Ordering::Acquire) {
+                thread::yield_now();
+            }
             // Every call of D was in flight across the abort (R4).
             let reasons: Vec<_> = calls.iter().map(|c| c.cancel_reason()).collect();
             drop(calls);
@@ -110,8 +121,10 @@ fn a_lease_slot_passes_between_threads_without_losing_state() {
     held.complete();
     released.store(true, Ordering::Relaxed);
     spin_until(&d_ready);
+    // `d_ready` was Relaxed: this abort is not ordered after D's calls began,
+    // so finding them rests on the R4 fence pair alone.
     host.abort();
-    go_abort.store(true, Ordering::Relaxed);
+    go_abort.store(true, Ordering::Release);
     let reasons = d.join().unwrap();
     assert_eq!(reasons, vec![Some(CancelReason::HostAbort); 4]);
     // Seven registrations: the four of D were cancelled once each (R1), and
