@@ -14,31 +14,41 @@ use common::Probe;
 
 #[test]
 fn begin_call_vs_host_abort() {
-    loom::model(|| {
-        let host = ServiceHost::new();
-        let channel = host.open_channel().unwrap();
-        let aborter = {
-            let host = host.clone();
-            loom::thread::spawn(move || host.abort())
-        };
-        let begun = channel.begin_call();
-        aborter.join().unwrap();
-        match begun {
-            Ok(call) => {
-                // R4: in flight across the abort, so cancelled; registering
-                // now runs the callback inline.
-                assert_eq!(call.cancel_reason(), Some(CancelReason::HostAbort));
-                let p = Probe::new();
-                p.register(&call).unwrap();
-                assert_eq!(p.cancels(), 1, "R4: inline run after a missed abort");
-                assert_eq!(host.in_flight(), 1, "A2: counted until completion");
-                call.complete();
-                p.assert_settled();
-            }
-            Err(e) => assert_eq!(e, Error::HostAborted),
+    loom::model(|| begin_call_vs_host_abort_model(false));
+}
+
+/// One `begin_call` racing a host abort. With `leased`, this thread's
+/// earlier call has leased its slot, so the racing call takes the plain-store
+/// path.
+fn begin_call_vs_host_abort_model(leased: bool) {
+    let host = ServiceHost::new();
+    let channel = host.open_channel().unwrap();
+    if leased {
+        // The first call takes this thread's lease slot with a CAS and
+        // leases it; the racing one below takes it with a plain store.
+        channel.begin_call().unwrap().complete();
+    }
+    let aborter = {
+        let host = host.clone();
+        loom::thread::spawn(move || host.abort())
+    };
+    let begun = channel.begin_call();
+    aborter.join().unwrap();
+    match begun {
+        Ok(call) => {
+            // R4: in flight across the abort, so cancelled; registering
+            // now runs the callback inline.
+            assert_eq!(call.cancel_reason(), Some(CancelReason::HostAbort));
+            let p = Probe::new();
+            p.register(&call).unwrap();
+            assert_eq!(p.cancels(), 1, "R4: inline run after a missed abort");
+            assert_eq!(host.in_flight(), 1, "A2: counted until completion");
+            call.complete();
+            p.assert_settled();
         }
-        assert_eq!(host.in_flight(), 0, "A2: refused calls are not counted");
-    });
+        Err(e) => assert_eq!(e, Error::HostAborted),
+    }
+    assert_eq!(host.in_flight(), 0, "A2: refused calls are not counted");
 }
 
 #[test]
@@ -70,31 +80,7 @@ fn begin_call_vs_channel_fault() {
 /// fence pair (`sync::asym`, a `SeqCst` fence on each side under loom).
 #[test]
 fn leased_begin_call_vs_host_abort() {
-    loom::model(|| {
-        let host = ServiceHost::new();
-        let channel = host.open_channel().unwrap();
-        // The first call takes this thread's lease slot with a CAS and
-        // leases it; the second one below takes it with a plain store.
-        channel.begin_call().unwrap().complete();
-        let aborter = {
-            let host = host.clone();
-            loom::thread::spawn(move || host.abort())
-        };
-        let begun = channel.begin_call();
-        aborter.join().unwrap();
-        match begun {
-            Ok(call) => {
-                assert_eq!(call.cancel_reason(), Some(CancelReason::HostAbort));
-                let p = Probe::new();
-                p.register(&call).unwrap();
-                assert_eq!(p.cancels(), 1, "R4: inline run after a missed abort");
-                call.complete();
-                p.assert_settled();
-            }
-            Err(e) => assert_eq!(e, Error::HostAborted),
-        }
-        assert_eq!(host.in_flight(), 0);
-    });
+    loom::model(|| begin_call_vs_host_abort_model(true));
 }
 
 /// A close racing a leased `begin_call`: either the call is refused, or the
