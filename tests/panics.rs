@@ -304,8 +304,17 @@ fn panic_while_holding_calls_completes_them_through_drop() {
     ready_rx.recv_timeout(WATCHDOG).unwrap();
     go_tx.send(()).unwrap();
     // The fault races the unwinding: it may land before, during or after it,
-    // and every order must keep the counts exact.
-    ch.fault();
+    // and every order must keep the counts exact. If the worker's unwinding
+    // completes `free_panics` while the fault runs its cancel callback, the
+    // fault's thread frees it, and its panicking on_free is re-raised from
+    // `fault` after the sweep (A4): the one panic `fault` may return.
+    if let Err(p) = catch_unwind(AssertUnwindSafe(|| ch.fault())) {
+        assert_eq!(
+            text(&*p),
+            "boom-free-1",
+            "only the canceller-side free panics"
+        );
+    }
     let err = worker.join().expect_err("the worker panicked");
     assert_eq!(
         text(&*err),
