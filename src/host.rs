@@ -241,6 +241,9 @@ impl HostShared {
     /// `Open → Closing`; returns the state found (`OPEN` if this moved it).
     fn begin_close(&self) -> u8 {
         let state = &self.core.state.0;
+        // Ordering: SeqCst like every host-state transition: CLOSING is the
+        // flag half of the R4 pair with `begin_call`'s re-check (and of the
+        // heavy fence below).
         let mut cur = state.load(Ordering::SeqCst);
         while cur == OPEN {
             match state.compare_exchange(OPEN, CLOSING, Ordering::SeqCst, Ordering::SeqCst) {
@@ -262,6 +265,8 @@ impl HostShared {
             return Ok(());
         }
         if self.wait_idle_until(deadline) {
+            // Ordering: SeqCst, as in `begin_close`; CLOSED is final and only
+            // follows an idle census.
             let mut cur = state.load(Ordering::SeqCst);
             while cur != CLOSED {
                 match state.compare_exchange(cur, CLOSED, Ordering::SeqCst, Ordering::SeqCst) {

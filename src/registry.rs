@@ -366,6 +366,8 @@ impl Slab {
     #[cold]
     #[inline(never)]
     fn claim_cold(&self) -> NonNull<CallSlot> {
+        // Ordering: Relaxed for the channel hint everywhere: it only picks
+        // where to start; `try_occupy` decides.
         let hint = self.hint.load(Ordering::Relaxed);
         let capacity = self.published_capacity();
         let start = if hint < capacity { hint } else { 0 };
@@ -586,10 +588,14 @@ impl ChannelTable {
         loop {
             let chunks = self.chunks.load_full();
             let n = chunks.len();
+            // Ordering: Relaxed; the cursor is only where to start looking.
             let start = self.cursor.load(Ordering::Relaxed).min(n);
             for pos in (start..n).chain(0..start) {
                 let chunk = &chunks[pos];
                 for (index, entry) in chunk.entries.iter().enumerate() {
+                    // Ordering: the Relaxed load only skips taken entries;
+                    // the CAS decides (AcqRel: ordered after the retire that
+                    // emptied the entry, before our publish).
                     if entry.load(Ordering::Relaxed).is_null()
                         && entry
                             .compare_exchange(

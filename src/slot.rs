@@ -46,6 +46,11 @@ pub(crate) struct Parts<S, C, F> {
 }
 
 /// The type-erased operations on a stored registration.
+///
+/// # Safety (of both functions)
+/// The `Buf` must hold the registration this vtable was stored with, and the
+/// caller must hold the right the state word gives: the callback runner for
+/// `cancel` (once), the freer for `free` (once, last).
 struct VTable {
     /// Runs the cancel callback (moving it out of storage).
     cancel: unsafe fn(*mut Buf, CancelReason),
@@ -242,6 +247,7 @@ impl CallSlot {
                 &Parts::<S, C, F>::BOXED
             }
         });
+        // Ordering: Relaxed; the registrar owns the (empty) pointer here.
         debug_assert!(self.vtable.load(Ordering::Relaxed).is_null());
         // Ordering: Release publishes the bytes to the claimer's Acquire
         // load in `published` (pair 1 in `state.rs`).
@@ -319,6 +325,8 @@ impl Drop for CallSlot {
         // leftover all the same, so nothing can leak.
         #[cfg(loom)]
         self.state.sync_before_drop();
+        // Ordering: `&mut self` orders us after every other user; Acquire
+        // (and Relaxed below) only for form.
         let leftover = !self.vtable.load(Ordering::Acquire).is_null();
         debug_assert!(!leftover, "slot dropped with a live registration");
         if leftover {

@@ -154,6 +154,9 @@ pub(crate) mod asym {
     pub(crate) fn leases_enabled() -> bool {
         #[cfg(any(loom, miri))]
         return true;
+        // Ordering: Relaxed is enough: `init` stored the answer before any
+        // host existed, and a caller holds a host, so it happens-after that
+        // store and cannot read UNKNOWN or an older value.
         #[cfg(not(any(loom, miri)))]
         return STATUS.load(Ordering::Relaxed) == ON;
     }

@@ -68,6 +68,8 @@ impl WaitState {
         generation: usize,
         cx: &mut Context<'_>,
     ) -> Poll<Woken> {
+        // Ordering: Acquire, pairing with the AcqRel cancel RMW (the reason)
+        // and the Release `release` (the call finished).
         let snap = slot.state.load(Ordering::Acquire);
         if snap.generation() != generation || !snap.is_occupied() {
             return Poll::Ready(Woken::Finished);
@@ -209,6 +211,7 @@ impl CancelWatch {
     /// The cancel reason, if the call is still in flight and was cancelled.
     /// `None` once the call has completed (the slot may serve another call).
     pub fn cancel_reason(&self) -> Option<CancelReason> {
+        // Ordering: Acquire, as in `WaitState::poll`.
         let s = self.slot().state.load(Ordering::Acquire);
         (s.is_occupied() && s.generation() == self.generation)
             .then(|| s.reason())
@@ -218,6 +221,7 @@ impl CancelWatch {
     /// Whether the call has completed (and finished any cancel callback and
     /// free-state).
     pub fn is_finished(&self) -> bool {
+        // Ordering: Acquire, as in `WaitState::poll`.
         let s = self.slot().state.load(Ordering::Acquire);
         !s.is_occupied() || s.generation() != self.generation
     }
