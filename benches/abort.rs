@@ -20,6 +20,8 @@
 //! * `vec_boxed_fnonce_drain`: N `Box<dyn FnOnce()>`; time draining and
 //!   calling them (each box is freed inside the timing).
 
+mod common;
+
 use std::hint::black_box;
 use std::time::Duration;
 
@@ -43,14 +45,7 @@ fn registered_host(n: usize, per_channel: usize) -> (Vec<Call>, Vec<Channel>, Se
         .map(|_| host.open_channel().unwrap())
         .collect();
     let calls: Vec<Call> = (0..n as u64)
-        .map(|i| {
-            let call = channels[i as usize / per_channel].begin_call().unwrap();
-            call.register_for_cancel(i, move |reason, s| {
-                black_box((reason, s, i));
-            })
-            .unwrap();
-            call
-        })
+        .map(|i| common::registered(|| channels[i as usize / per_channel].begin_call(), i))
         .collect();
     (calls, channels, host)
 }
@@ -111,21 +106,8 @@ fn abort(c: &mut Criterion) {
 
         g.bench_with_input(BenchmarkId::new("vec_boxed_fnmut", n), &n, |b, &n| {
             b.iter_batched(
-                || {
-                    (0..n as u64)
-                        .map(|i| {
-                            Box::new(move || {
-                                black_box(i);
-                            }) as Box<dyn FnMut() + Send>
-                        })
-                        .collect::<Vec<_>>()
-                },
-                |mut v| {
-                    for f in v.iter_mut() {
-                        f();
-                    }
-                    v
-                },
+                || common::boxed_fnmut(n),
+                common::call_in_place,
                 BatchSize::PerIteration,
             )
         });
@@ -160,10 +142,7 @@ fn abort(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default()
-        .measurement_time(Duration::from_secs(2))
-        .warm_up_time(Duration::from_millis(500))
-        .sample_size(20);
+    config = common::config(20);
     targets = abort
 }
 criterion_main!(benches);

@@ -10,32 +10,19 @@
 //! one is `2 * t(one thread) / t(two threads)`; P5 asks for at least 1.8 on
 //! two channels, and `t(one channel) / t(one thread)` at most 3.
 
+mod common;
+
 use std::collections::HashMap;
 use std::hint::black_box;
 use std::sync::{Barrier, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use callcancel::{Call, Channel, Error, ServiceHost};
+use callcancel::{Channel, ServiceHost};
 use criterion::{criterion_group, criterion_main, Criterion};
 use tokio_util::sync::CancellationToken;
 
-/// One lifecycle; the callbacks capture data.
-#[inline]
-fn lifecycle(begin: impl FnOnce() -> Result<Call, Error>, n: u64) {
-    let call = begin().unwrap();
-    call.register_for_cancel_with_free(
-        n,
-        move |_, s| {
-            black_box((s, n));
-        },
-        |s| {
-            black_box(s);
-        },
-    )
-    .unwrap();
-    call.complete();
-}
+use common::lifecycle;
 
 /// Runs `op(thread, i)` for `i in 0..iters` on two threads at once; returns
 /// the wall time from the release of both threads to the end of both.
@@ -121,10 +108,7 @@ fn contention(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default()
-        .measurement_time(Duration::from_secs(2))
-        .warm_up_time(Duration::from_millis(500))
-        .sample_size(20);
+    config = common::config(20);
     targets = contention
 }
 criterion_main!(benches);

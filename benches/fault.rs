@@ -9,7 +9,8 @@
 //! cancel one channel token with `K` children) and the `Vec` floor (call `K`
 //! boxed closures in place).
 
-use std::hint::black_box;
+mod common;
+
 use std::time::Duration;
 
 use callcancel::{Call, Channel, ServiceHost};
@@ -27,14 +28,7 @@ const OTHERS: [usize; 2] = [0, 1_000];
 fn registered_channel(host: &ServiceHost) -> (Vec<Call>, Channel) {
     let channel = host.open_channel().unwrap();
     let calls = (0..K as u64)
-        .map(|i| {
-            let call = channel.begin_call().unwrap();
-            call.register_for_cancel(i, move |reason, s| {
-                black_box((reason, s, i));
-            })
-            .unwrap();
-            call
-        })
+        .map(|i| common::registered(|| channel.begin_call(), i))
         .collect();
     (calls, channel)
 }
@@ -92,21 +86,8 @@ fn fault(c: &mut Criterion) {
     }
     g.bench_function("vec_boxed_fnmut", |b| {
         b.iter_batched(
-            || {
-                (0..K as u64)
-                    .map(|i| {
-                        Box::new(move || {
-                            black_box(i);
-                        }) as Box<dyn FnMut() + Send>
-                    })
-                    .collect::<Vec<_>>()
-            },
-            |mut v| {
-                for f in v.iter_mut() {
-                    f();
-                }
-                v
-            },
+            || common::boxed_fnmut(K),
+            common::call_in_place,
             BatchSize::PerIteration,
         )
     });
@@ -115,10 +96,7 @@ fn fault(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default()
-        .measurement_time(Duration::from_secs(2))
-        .warm_up_time(Duration::from_millis(500))
-        .sample_size(20);
+    config = common::config(20);
     targets = fault
 }
 criterion_main!(benches);

@@ -2,9 +2,10 @@
 //! `CancellationToken::is_cancelled()` and a plain `Acquire` load, on a live
 //! call that is not cancelled and on one that is.
 
+mod common;
+
 use std::hint::black_box;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
 
 use callcancel::ServiceHost;
 use criterion::{criterion_group, criterion_main, Criterion};
@@ -55,10 +56,7 @@ fn is_cancelled(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default()
-        .measurement_time(Duration::from_secs(2))
-        .warm_up_time(Duration::from_millis(500))
-        .sample_size(20);
+    config = common::config(20);
     targets = is_cancelled
 }
 criterion_main!(benches);

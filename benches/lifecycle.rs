@@ -21,6 +21,8 @@
 //!   holding an atomic and the (inline) capturing closure, two atomic
 //!   read-modify-writes, free.
 
+mod common;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::hint::black_box;
@@ -28,7 +30,6 @@ use std::pin::pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::task::{Context, Waker};
-use std::time::Duration;
 
 use callcancel::ServiceHost;
 use criterion::{criterion_group, criterion_main, Criterion};
@@ -43,18 +44,7 @@ fn lifecycle(c: &mut Criterion) {
         let mut n = 0u64;
         b.iter(|| {
             n += 1;
-            let call = channel.begin_call().unwrap();
-            call.register_for_cancel_with_free(
-                n,
-                move |_, s| {
-                    black_box((s, n));
-                },
-                |s| {
-                    black_box(s);
-                },
-            )
-            .unwrap();
-            call.complete();
+            common::lifecycle(|| channel.begin_call(), n)
         })
     });
 
@@ -75,18 +65,7 @@ fn lifecycle(c: &mut Criterion) {
         let mut n = 0u64;
         b.iter(|| {
             n += 1;
-            let call = host.begin_call().unwrap();
-            call.register_for_cancel_with_free(
-                n,
-                move |_, s| {
-                    black_box((s, n));
-                },
-                |s| {
-                    black_box(s);
-                },
-            )
-            .unwrap();
-            call.complete();
+            common::lifecycle(|| host.begin_call(), n)
         })
     });
 
@@ -155,10 +134,7 @@ fn lifecycle(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default()
-        .measurement_time(Duration::from_secs(2))
-        .warm_up_time(Duration::from_millis(500))
-        .sample_size(30);
+    config = common::config(30);
     targets = lifecycle
 }
 criterion_main!(benches);

@@ -10,6 +10,8 @@
 //! of `cancelled()`, which is ready, then run the callback), and the floor
 //! (call a capturing boxed closure).
 
+mod common;
+
 use std::future::Future;
 use std::hint::black_box;
 use std::pin::pin;
@@ -99,10 +101,7 @@ fn register_after_cancel(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default()
-        .measurement_time(Duration::from_secs(2))
-        .warm_up_time(Duration::from_millis(500))
-        .sample_size(20);
+    config = common::config(20);
     targets = register_after_cancel
 }
 criterion_main!(benches);
