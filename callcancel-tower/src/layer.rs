@@ -390,9 +390,11 @@ pin_project! {
     /// read to the end (or its trailers were read), and cancels the call
     /// (`CallCancelled`) if dropped before that.
     pub struct CallBody<B> {
+        // Declared first: a body dropped early cancels the call before the
+        // handler's body (and what it holds) is dropped.
+        guard: Option<Guard>,
         #[pin]
         inner: Option<B>,
-        guard: Option<Guard>,
     }
 }
 

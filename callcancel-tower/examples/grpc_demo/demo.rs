@@ -243,7 +243,15 @@ impl Demo {
             .await
         {
             Ok(_) => self.done(&call, id),
-            Err(status) => Err(call.cancel_reason().map_or(status, status_for)),
+            Err(status) => Err(match call.cancel_reason() {
+                Some(reason) => status_for(reason),
+                // The downstream client saw our deadline pass a moment
+                // before our own timer cancelled us.
+                None if call.remaining() == Some(Duration::ZERO) => {
+                    status_for(CancelReason::DeadlineExceeded)
+                }
+                None => status,
+            }),
         }
     }
 }
