@@ -70,6 +70,13 @@ fn cancel_error(reason: CancelReason) -> BoxError {
 /// Requests with the [`Detached`] extension, made inside
 /// [`detached`](crate::detached), or made with no current call, pass
 /// through untouched.
+///
+/// The current call is read when the request is handed to the service
+/// (`Service::call`). tonic clients do that when their future is first
+/// polled; when calling a tower service by hand inside
+/// [`detached`](crate::detached) or [`CurrentCall::scope`], call it inside
+/// the scoped future (`detached(async { svc.call(req).await })`), not in
+/// the argument.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PropagateLayer;
 
@@ -122,19 +129,16 @@ where
         let Some(call) = current else {
             return PropagateFuture {
                 state: Some(Err(None)),
-                fut: self.inner.call(req),
+                fut: Some(self.inner.call(req)),
             };
         };
         if let Some(reason) = call.cancel_reason() {
-            return PropagateFuture::failed(reason, self.inner.call(req));
+            return PropagateFuture::failed(reason);
         }
         if let Some(deadline) = call.deadline() {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
-                return PropagateFuture::failed(
-                    CancelReason::DeadlineExceeded,
-                    self.inner.call(req),
-                );
+                return PropagateFuture::failed(CancelReason::DeadlineExceeded);
             }
             let own = req
                 .headers()
@@ -150,7 +154,7 @@ where
         drop(call);
         PropagateFuture {
             state: Some(Ok(watch.cancelled())),
-            fut: self.inner.call(req),
+            fut: Some(self.inner.call(req)),
         }
     }
 }
@@ -158,19 +162,20 @@ where
 pin_project! {
     /// The response future of [`Propagate`].
     pub struct PropagateFuture<F> {
-        // Ok(watch): propagating; Err(Some(reason)): fail without polling
-        // `fut` (it is dropped unpolled); Err(None): pass through.
+        // Ok(watch): propagating; Err(Some(reason)): fail at once (the
+        // request was never handed to the inner service); Err(None): pass
+        // through.
         state: Option<Result<WatchCancelled, Option<CancelReason>>>,
         #[pin]
-        fut: F,
+        fut: Option<F>,
     }
 }
 
 impl<F> PropagateFuture<F> {
-    fn failed(reason: CancelReason, fut: F) -> Self {
+    fn failed(reason: CancelReason) -> Self {
         Self {
             state: Some(Err(Some(reason))),
-            fut,
+            fut: None,
         }
     }
 }
@@ -197,7 +202,8 @@ where
             },
             _ => {}
         }
-        match this.fut.poll(cx) {
+        let fut = this.fut.as_pin_mut().expect("polled after completion");
+        match fut.poll(cx) {
             Poll::Pending => {
                 *this.state = Some(watching.ok_or(None));
                 Poll::Pending
@@ -268,5 +274,128 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cc::ServiceHost;
+    use std::convert::Infallible;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    type Seen = Arc<Mutex<Vec<Option<String>>>>;
+
+    /// A mock transport recording each request's grpc-timeout.
+    type MockFn = Box<
+        dyn FnMut(Request<()>) -> std::future::Ready<Result<Response<String>, Infallible>> + Send,
+    >;
+
+    fn mock(seen: Seen) -> Propagate<Fn_<MockFn>> {
+        Propagate::new(tower_util_fn(Box::new(move |req: Request<()>| {
+            let v = req
+                .headers()
+                .get(GRPC_TIMEOUT)
+                .map(|v| v.to_str().unwrap().to_owned());
+            seen.lock().unwrap().push(v);
+            std::future::ready(Ok::<_, Infallible>(Response::new(String::new())))
+        })))
+    }
+
+    struct Fn_<F>(F);
+    fn tower_util_fn<F>(f: F) -> Fn_<F> {
+        Fn_(f)
+    }
+    impl<F, Fut> Service<Request<()>> for Fn_<F>
+    where
+        F: FnMut(Request<()>) -> Fut,
+        Fut: Future<Output = Result<Response<String>, Infallible>>,
+    {
+        type Response = Response<String>;
+        type Error = Infallible;
+        type Future = Fut;
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, r: Request<()>) -> Fut {
+            (self.0)(r)
+        }
+    }
+
+    fn ms(v: &Option<String>) -> u128 {
+        let v = v.as_deref().expect("grpc-timeout set");
+        parse_grpc_timeout(v.as_bytes()).unwrap().as_millis()
+    }
+
+    #[tokio::test]
+    async fn sets_remaining_deadline_keeps_smaller_and_respects_opt_outs() {
+        let seen = Seen::default();
+        let mut svc = mock(seen.clone());
+        let host = ServiceHost::new();
+        let deadline = Instant::now() + Duration::from_millis(500);
+        let call = CurrentCall::new(
+            host.begin_call_with_deadline(deadline).unwrap(),
+            http::Uri::from_static("/x"),
+        );
+        // No current call: untouched.
+        svc.call(Request::new(())).await.unwrap();
+        call.scope(async {
+            svc.call(Request::new(())).await.unwrap();
+            let mut r = Request::new(());
+            r.headers_mut()
+                .insert(GRPC_TIMEOUT, http::HeaderValue::from_static("100m"));
+            svc.call(r).await.unwrap();
+            let mut r = Request::new(());
+            r.headers_mut()
+                .insert(GRPC_TIMEOUT, http::HeaderValue::from_static("9S"));
+            svc.call(r).await.unwrap();
+            let mut r = Request::new(());
+            r.extensions_mut().insert(Detached);
+            svc.call(r).await.unwrap();
+            crate::detached(async { svc.call(Request::new(())).await })
+                .await
+                .unwrap();
+        })
+        .await;
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 6);
+        assert_eq!(seen[0], None);
+        assert!((400..=500).contains(&ms(&seen[1])), "{seen:?}");
+        assert_eq!(ms(&seen[2]), 100);
+        assert!((400..=500).contains(&ms(&seen[3])), "{seen:?}");
+        assert_eq!((&seen[4], &seen[5]), (&None, &None));
+    }
+
+    #[tokio::test]
+    async fn cancelled_or_expired_call_fails_without_sending() {
+        let seen = Seen::default();
+        let mut svc = mock(seen.clone());
+        let host = ServiceHost::new();
+        let past = host.begin_call_with_deadline(Instant::now()).unwrap();
+        let past = CurrentCall::new(past, http::Uri::from_static("/x"));
+        let e = past
+            .scope(async { svc.call(Request::new(())).await })
+            .await
+            .unwrap_err();
+        #[cfg(feature = "tonic")]
+        assert_eq!(
+            e.downcast_ref::<tonic::Status>().unwrap().code(),
+            tonic::Code::DeadlineExceeded
+        );
+        let _ = e;
+        let cancelled = CurrentCall::new(host.begin_call().unwrap(), http::Uri::from_static("/y"));
+        assert!(cancelled.cancel());
+        let e = cancelled
+            .scope(async { svc.call(Request::new(())).await })
+            .await
+            .unwrap_err();
+        #[cfg(feature = "tonic")]
+        assert_eq!(
+            e.downcast_ref::<tonic::Status>().unwrap().code(),
+            tonic::Code::Cancelled
+        );
+        let _ = e;
+        assert!(seen.lock().unwrap().is_empty());
     }
 }

@@ -72,3 +72,56 @@ pub fn format_grpc_timeout(d: Duration) -> HeaderValue {
     }
     HeaderValue::from_static("99999999H")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_accepts_every_unit_and_rejects_junk() {
+        assert_eq!(parse_grpc_timeout(b"1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout(b"2M"), Some(Duration::from_secs(120)));
+        assert_eq!(
+            parse_grpc_timeout(b"99999999H"),
+            Some(Duration::from_secs(99_999_999 * 3600))
+        );
+        assert_eq!(parse_grpc_timeout(b"7u"), Some(Duration::from_micros(7)));
+        assert_eq!(parse_grpc_timeout(b"0n"), Some(Duration::ZERO));
+        for bad in [
+            &b""[..],
+            b"S",
+            b"1",
+            b"123456789n",
+            b"+1S",
+            b"1s",
+            b"1 S",
+            b"1\xffS",
+            b"\xff",
+            b"1SS",
+        ] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn format_round_trips_and_never_shortens() {
+        for d in [
+            Duration::ZERO,
+            Duration::from_nanos(1),
+            Duration::from_nanos(99_999_999),
+            Duration::from_nanos(100_000_001),
+            Duration::from_millis(1500),
+            Duration::from_secs(30),
+            Duration::from_secs(86_400 * 365),
+            Duration::MAX,
+        ] {
+            let v = format_grpc_timeout(d);
+            let back = parse_grpc_timeout(v.as_bytes()).unwrap();
+            assert!(
+                back >= d.min(Duration::from_secs(99_999_999 * 3600)),
+                "{d:?} -> {v:?}"
+            );
+            assert!(v.len() <= 9);
+        }
+    }
+}
