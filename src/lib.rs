@@ -102,6 +102,8 @@ mod registry;
 mod slot;
 mod state;
 mod sync;
+#[cfg_attr(not(test), allow(dead_code))]
+mod timer;
 mod waiter;
 
 pub use call::{Call, Cancelled, OperationContext};
