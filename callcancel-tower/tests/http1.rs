@@ -14,7 +14,7 @@ use axum::routing::get;
 use axum::Router;
 use callcancel_tower::cc::{CancelReason, ServiceHost};
 use callcancel_tower::{http_status_for, CallLayer, CurrentCall, Server};
-use common::{hard, wait_until};
+use common::{assert_host_drained, hard, wait_until};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[derive(Default)]
@@ -78,6 +78,11 @@ async fn http1_disconnect_faults_the_channel() {
         assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
         assert_eq!(seen.other.load(SeqCst), 0);
         wait_until(Duration::from_secs(5), || host.in_flight() == 0).await;
+        // Both connections are gone (one dropped, one closed after its
+        // response): no channel is left.
+        drop(stays);
+        assert_host_drained(&host).await;
+        assert_eq!(host.stats().cancelled(CancelReason::ChannelFaulted), 1);
         // The status a deadline maps to.
         let _ = stop.send(());
         assert!(server.await.unwrap().graceful);
