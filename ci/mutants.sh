@@ -55,11 +55,17 @@ run() { # flags file test -> exit status of the model, output in $out
   return $rc
 }
 
+# Optional: only mutants whose name matches $1 (a regex).
+filter=${1:-}
+# Three-thread models need a preemption bound (as in ci/loom.sh).
+export LOOM_MAX_PREEMPTIONS=${LOOM_MAX_PREEMPTIONS:-3}
+
 report=""
 survived=0
 IFS=$' \n\t'
 while read -r name file test; do
   [[ -z $name ]] && continue
+  [[ -n $filter && ! $name =~ $filter ]] && continue
   echo "::: mutant $name -> $file::$test"
   if ! run "$base" "$file" "$test"; then
     echo "baseline model $test fails on unmutated code: $why" >&2

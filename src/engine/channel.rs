@@ -128,9 +128,10 @@ impl ChannelShared {
         if !self.is_orphaned() {
             return;
         }
+        let walk = self.slab.walk();
         'scan: loop {
             let mut seen = None;
-            let found = self.slab.find_slot_from(start, |slot| {
+            let found = self.slab.find_slot_from(&walk, start, |slot| {
                 // Ordering: SeqCst, after our handle decrement (module docs).
                 let s = slot.state.load(Ordering::SeqCst);
                 seen = Some(s);
@@ -277,12 +278,15 @@ impl ChannelShared {
     /// decided first, whose `mark_started` it waits for (A1, issue 12 #3).
     /// The caller holds a strong reference.
     pub(crate) fn sweep(&self, reason: CancelReason, panics: &mut FirstPanic) {
-        self.slab.for_each_slot(|slot| {
+        let walk = self.slab.walk();
+        let mut occupied = 0;
+        self.slab.for_each_slot(&walk, |slot| {
             // Ordering: SeqCst, second half of the R4 Dekker pair.
             let snap = slot.state.load(Ordering::SeqCst);
             if !snap.is_occupied() {
                 return;
             }
+            occupied += 1;
             let gen = snap.generation();
             let now = if snap.is_cancelled() || snap.is_completed() {
                 snap
@@ -296,6 +300,8 @@ impl ChannelShared {
                 slot.state.wait_started(gen);
             }
         });
+        // Cost follows the live load: give back a burst's segments.
+        self.slab.shrink(&walk, occupied);
     }
 
     /// Cancels generation `gen` of `slot` alone with `reason`: decide, run
@@ -512,8 +518,9 @@ impl ChannelShared {
     /// (`DUTY`), since that freer may have looked before the waiter came.
     /// The caller holds a strong reference.
     pub(crate) fn census_for_wait(&self) -> usize {
+        let walk = self.slab.walk();
         let mut busy = 0;
-        self.slab.for_each_slot(|slot| loop {
+        self.slab.for_each_slot(&walk, |slot| loop {
             // Ordering: SeqCst, the waiter side of the idle Dekker pair.
             let s = slot.state.load(Ordering::SeqCst);
             if !s.is_occupied() {
@@ -546,6 +553,7 @@ impl ChannelShared {
                 }
             }
         });
+        self.slab.shrink(&walk, busy);
         busy
     }
 }
