@@ -605,8 +605,11 @@ impl CallState {
     /// unwoken: clear `WAITER` so the next future of the call can take the
     /// slot's waker again (instead of the channel's overflow list).
     ///
-    /// Ordering: `Relaxed` suffices for the bit (a canceller that still saw
-    /// it merely wakes an empty `AtomicWaker`).
+    /// Ordering: `Release` on success, pairing with the next primary's
+    /// `AcqRel` announcement: the old primary's `waker.take()` happens
+    /// before the new primary's `register`, so it can never take the new
+    /// waker. (A canceller that still saw the bit merely wakes an empty
+    /// `AtomicWaker`.)
     pub(crate) fn withdraw_waiter(&self, gen: u64) {
         let mut cur = Snapshot(self.word.load(Ordering::Relaxed));
         loop {
@@ -616,7 +619,7 @@ impl CallState {
             match self.word.compare_exchange_weak(
                 cur.0,
                 cur.0 & !WAITER,
-                Ordering::Relaxed,
+                Ordering::Release,
                 Ordering::Relaxed,
             ) {
                 Ok(_) => return,

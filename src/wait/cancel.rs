@@ -31,6 +31,7 @@ use core::task::{Context, Poll};
 use crate::engine::channel::{slot_key, ChannelShared};
 use crate::slot::CallSlot;
 use crate::state::{OVERFLOW, WAITER};
+use crate::store::overflow::Outcome;
 use crate::store::slab::SlotRef;
 use crate::sync::{Arc, Ordering};
 use crate::CancelReason;
@@ -69,6 +70,10 @@ pub(crate) struct WaitState {
     /// Our id in the overflow list, once assigned.
     id: Option<u64>,
     role: Role,
+    /// A watch's mailbox for the reason (allocated when it first parks):
+    /// a canceller leaves it there before waking us, so that a poll after
+    /// the call completed still reports it (R5).
+    outcome: Option<Arc<Outcome>>,
 }
 
 impl WaitState {
@@ -77,6 +82,16 @@ impl WaitState {
             parked: Parked::Nowhere,
             id: None,
             role,
+            outcome: None,
+        }
+    }
+
+    /// The answer once the call is gone: the reason a canceller left us, or
+    /// `Finished`.
+    pub(crate) fn gone(&self) -> Woken {
+        match self.outcome.as_ref().and_then(|o| o.get()) {
+            Some(reason) => Woken::Cancelled(reason),
+            None => Woken::Finished,
         }
     }
 
@@ -91,7 +106,7 @@ impl WaitState {
         // and the release swap (the call finished).
         let snap = slot.state.load(Ordering::Acquire);
         if !snap.is_live(generation) {
-            return Poll::Ready(Woken::Finished);
+            return Poll::Ready(self.gone());
         }
         if let Some(reason) = snap.reason() {
             return Poll::Ready(Woken::Cancelled(reason));
@@ -102,7 +117,7 @@ impl WaitState {
         if let (Parked::Nowhere, true) = (self.parked, may_be_primary) {
             // Become the primary waiter if nobody is.
             match slot.state.announce_waiter(generation, WAITER) {
-                None => return Poll::Ready(Woken::Finished),
+                None => return Poll::Ready(self.gone()),
                 Some(prev) => {
                     if let Some(reason) = prev.reason() {
                         return Poll::Ready(Woken::Cancelled(reason));
@@ -128,15 +143,22 @@ impl WaitState {
             _ => {
                 // Park first, then announce: a canceller that sees OVERFLOW
                 // finds our waker in the list.
-                channel
-                    .overflow
-                    .park(slot_key(slot), &mut self.id, cx.waker());
+                if self.role == Role::Watch && self.outcome.is_none() {
+                    self.outcome = Some(Arc::new(Outcome::default()));
+                }
+                channel.overflow.park(
+                    slot_key(slot),
+                    generation,
+                    &mut self.id,
+                    cx.waker(),
+                    self.outcome.as_ref(),
+                );
                 self.parked = Parked::Overflow;
                 slot.state.announce_waiter(generation, OVERFLOW)
             }
         };
         match announced {
-            None => Poll::Ready(Woken::Finished),
+            None => Poll::Ready(self.gone()),
             Some(s) => match s.reason() {
                 Some(reason) => Poll::Ready(Woken::Cancelled(reason)),
                 None => Poll::Pending,
@@ -267,7 +289,7 @@ impl Future for WatchCancelled {
             .with(&w.channel.slab, |slot| {
                 wait.poll(&w.channel, slot, w.generation, cx)
             })
-            .unwrap_or(Poll::Ready(Woken::Finished))
+            .unwrap_or_else(|| Poll::Ready(wait.gone()))
             .map(|woken| match woken {
                 Woken::Cancelled(reason) => Some(reason),
                 Woken::Finished => None,
