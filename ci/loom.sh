@@ -48,6 +48,8 @@ loom cancel_per_call cancel_vs_fault 3
 loom cancel_per_call canceller_vs_complete_and_reuse 3
 loom deadline deadline_vs_complete_and_reuse 3
 loom deadline deadline_vs_cancel 3
+loom shrink stale_canceller_vs_shrink 3
+loom shrink begin_call_vs_shrink 3
 loom begin_call_vs_abort begin_call_vs_host_abort -
 loom begin_call_vs_abort begin_call_vs_channel_fault -
 loom begin_call_vs_abort reused_slot_begin_call_vs_host_abort -

@@ -119,12 +119,19 @@ impl ChannelShared {
     /// finishing phase (module docs). The caller must hold a strong
     /// reference of its own.
     pub(crate) fn try_dispose(&self) {
+        self.try_dispose_from(None);
+    }
+
+    /// As [`ChannelShared::try_dispose`], scanning from `start` (a freer's
+    /// own slot) onwards.
+    fn try_dispose_from(&self, start: Option<&CallSlot>) {
         if !self.is_orphaned() {
             return;
         }
+        let walk = self.slab.walk();
         'scan: loop {
             let mut seen = None;
-            let found = self.slab.find_slot(|slot| {
+            let found = self.slab.find_slot_from(&walk, start, |slot| {
                 // Ordering: SeqCst, after our handle decrement (module docs).
                 let s = slot.state.load(Ordering::SeqCst);
                 seen = Some(s);
@@ -271,12 +278,15 @@ impl ChannelShared {
     /// decided first, whose `mark_started` it waits for (A1, issue 12 #3).
     /// The caller holds a strong reference.
     pub(crate) fn sweep(&self, reason: CancelReason, panics: &mut FirstPanic) {
-        self.slab.for_each_slot(|slot| {
+        let walk = self.slab.walk();
+        let mut occupied = 0;
+        self.slab.for_each_slot(&walk, |slot| {
             // Ordering: SeqCst, second half of the R4 Dekker pair.
             let snap = slot.state.load(Ordering::SeqCst);
             if !snap.is_occupied() {
                 return;
             }
+            occupied += 1;
             let gen = snap.generation();
             let now = if snap.is_cancelled() || snap.is_completed() {
                 snap
@@ -290,6 +300,8 @@ impl ChannelShared {
                 slot.state.wait_started(gen);
             }
         });
+        // Cost follows the live load: give back a burst's segments.
+        self.slab.shrink(&walk, occupied);
     }
 
     /// Cancels generation `gen` of `slot` alone with `reason`: decide, run
@@ -460,7 +472,7 @@ impl ChannelShared {
                 // SAFETY: the `DUTY` setter handed us a strong reference
                 // counted on the keepalive pointer (`try_dispose`,
                 // `census_for_wait`).
-                Released::Duty => Self::run_duties(unsafe { Arc::from_raw(me) }),
+                Released::Duty => Self::run_duties(unsafe { Arc::from_raw(me) }, slot),
             };
         }
         self.release_with_duties(slot, word)
@@ -477,20 +489,21 @@ impl ChannelShared {
             Released::Duty => Some(unsafe { Arc::from_raw(Arc::as_ptr(&held)) }),
         };
         drop(handed);
-        Self::run_duties(held)
+        Self::run_duties(held, slot)
     }
 
     /// The release duties: wake idle waiters, dispose of an orphaned
-    /// channel. Runs on a strong reference.
+    /// channel (scanning from the slot just released). Runs on a strong
+    /// reference, which keeps `slot`'s memory alive.
     #[cold]
-    fn run_duties(this: Arc<Self>) -> Option<Panic> {
+    fn run_duties(this: Arc<Self>, slot: &CallSlot) -> Option<Panic> {
         let panic = if this.host.idle_watched() {
             this.host.notify_idle()
         } else {
             None
         };
         if this.is_orphaned() {
-            this.try_dispose();
+            this.try_dispose_from(Some(slot));
         }
         panic
     }
@@ -505,8 +518,9 @@ impl ChannelShared {
     /// (`DUTY`), since that freer may have looked before the waiter came.
     /// The caller holds a strong reference.
     pub(crate) fn census_for_wait(&self) -> usize {
+        let walk = self.slab.walk();
         let mut busy = 0;
-        self.slab.for_each_slot(|slot| loop {
+        self.slab.for_each_slot(&walk, |slot| loop {
             // Ordering: SeqCst, the waiter side of the idle Dekker pair.
             let s = slot.state.load(Ordering::SeqCst);
             if !s.is_occupied() {
@@ -539,6 +553,7 @@ impl ChannelShared {
                 }
             }
         });
+        self.slab.shrink(&walk, busy);
         busy
     }
 }

@@ -29,6 +29,7 @@ use std::time::Instant;
 
 use crate::engine::channel::ChannelShared;
 use crate::slot::CallSlot;
+use crate::store::slab::SlotRef;
 use crate::store::timer::{Expiry, Timer, TimerKey};
 use crate::sync::{Arc, AtomicU8, AtomicWaker, Ordering};
 use crate::value::panic::FirstPanic;
@@ -40,7 +41,7 @@ pub(crate) enum TimerEntry {
     Deadline {
         /// The keepalive pointer of the call's channel.
         channel: NonNull<ChannelShared>,
-        slot: NonNull<CallSlot>,
+        slot: SlotRef,
         generation: u64,
     },
     /// A [`Sleep`] to wake.
@@ -56,14 +57,11 @@ unsafe impl Send for TimerEntry {}
 pub(crate) enum Fired {
     Deadline {
         channel: Arc<ChannelShared>,
-        slot: NonNull<CallSlot>,
+        slot: SlotRef,
         generation: u64,
     },
     Wake(Arc<SleepShared>),
 }
-
-// SAFETY: as for `TimerEntry`; `slot` lives as long as `channel`'s slab.
-unsafe impl Send for Fired {}
 
 impl Expiry for TimerEntry {
     type Fired = Fired;
@@ -94,15 +92,16 @@ impl Expiry for TimerEntry {
                 slot,
                 generation,
             } => {
-                // SAFETY: the slab lives as long as `channel`.
-                let slot = unsafe { slot.as_ref() };
                 let mut panics = FirstPanic::default();
-                let _ = channel.cancel_slot(
-                    slot,
-                    generation,
-                    CancelReason::DeadlineExceeded,
-                    &mut panics,
-                );
+                // A segment given back means the call is long finished.
+                let _ = slot.with(&channel.slab, |slot| {
+                    channel.cancel_slot(
+                        slot,
+                        generation,
+                        CancelReason::DeadlineExceeded,
+                        &mut panics,
+                    )
+                });
                 panics.resume();
             }
             Fired::Wake(sleep) => sleep.fire(),
@@ -141,7 +140,7 @@ pub(crate) fn arm(
 ) -> Deadline {
     let entry = TimerEntry::Deadline {
         channel: channel.self_ptr(),
-        slot: NonNull::from(slot),
+        slot: SlotRef::new(&channel.slab, slot),
         generation,
     };
     match timer().arm(at, entry) {

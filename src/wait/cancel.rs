@@ -26,12 +26,12 @@
 use core::fmt;
 use core::future::Future;
 use core::pin::Pin;
-use core::ptr::NonNull;
 use core::task::{Context, Poll};
 
 use crate::engine::channel::{slot_key, ChannelShared};
 use crate::slot::CallSlot;
 use crate::state::{OVERFLOW, WAITER};
+use crate::store::slab::SlotRef;
 use crate::sync::{Arc, Ordering};
 use crate::CancelReason;
 
@@ -148,17 +148,22 @@ impl WaitState {
     pub(crate) fn unpark(&mut self, channel: &ChannelShared, slot: &CallSlot, generation: u64) {
         match self.parked {
             Parked::Nowhere => {}
-            Parked::Overflow => {
-                if let Some(id) = self.id {
-                    channel.overflow.unpark(slot_key(slot), id);
-                }
-            }
+            Parked::Overflow => self.unpark_overflow(channel, slot_key(slot)),
             Parked::Primary => {
                 // Take our waker back first (dropped here, outside any lock),
                 // then free the bit: a later primary registers after that.
                 drop(slot.waker.take());
                 slot.state.withdraw_waiter(generation);
             }
+        }
+        self.parked = Parked::Nowhere;
+    }
+
+    /// Leaves the overflow list of the slot at `key` (an address only: the
+    /// slot's segment may have been given back since).
+    pub(crate) fn unpark_overflow(&mut self, channel: &ChannelShared, key: usize) {
+        if let (Parked::Overflow, Some(id)) = (self.parked, self.id) {
+            channel.overflow.unpark(key, id);
         }
         self.parked = Parked::Nowhere;
     }
@@ -189,23 +194,13 @@ impl WaitState {
 #[derive(Clone)]
 pub struct CancelWatch {
     channel: Arc<ChannelShared>,
-    slot: NonNull<CallSlot>,
+    /// Dereferenced only while its segment is published (`store/slab.rs`).
+    slot: SlotRef,
     generation: u64,
 }
 
-// SAFETY: `slot` points into `channel`'s slab, kept alive by `channel`; the
-// watch only touches the slot's atomics, its `AtomicWaker` and the channel's
-// mutex-guarded overflow list, all thread-safe.
-unsafe impl Send for CancelWatch {}
-// SAFETY: as above; `&CancelWatch` offers only atomic reads.
-unsafe impl Sync for CancelWatch {}
-
 impl CancelWatch {
-    pub(crate) fn new(
-        channel: Arc<ChannelShared>,
-        slot: NonNull<CallSlot>,
-        generation: u64,
-    ) -> Self {
+    pub(crate) fn new(channel: Arc<ChannelShared>, slot: SlotRef, generation: u64) -> Self {
         Self {
             channel,
             slot,
@@ -213,28 +208,25 @@ impl CancelWatch {
         }
     }
 
-    fn slot(&self) -> &CallSlot {
-        // SAFETY: the slot lives in `self.channel`'s slab, kept alive by
-        // `self.channel`, which frees segments only when it drops.
-        unsafe { self.slot.as_ref() }
+    /// The state word, if the slot's segment is still published.
+    fn word(&self) -> Option<crate::state::Snapshot> {
+        // Ordering: Acquire, as in `WaitState::poll`.
+        self.slot.with(&self.channel.slab, |slot| {
+            slot.state.load(Ordering::Acquire)
+        })
     }
 
     /// The cancel reason, if the call is still in flight and was cancelled.
     /// `None` once the call has completed (the slot may serve another call).
     pub fn cancel_reason(&self) -> Option<CancelReason> {
-        // Ordering: Acquire, as in `WaitState::poll`.
-        let s = self.slot().state.load(Ordering::Acquire);
-        (s.is_occupied() && s.generation() == self.generation)
-            .then(|| s.reason())
-            .flatten()
+        let s = self.word()?;
+        s.is_live(self.generation).then(|| s.reason()).flatten()
     }
 
     /// Whether the call has completed (and finished any cancel callback and
     /// free-state).
     pub fn is_finished(&self) -> bool {
-        // Ordering: Acquire, as in `WaitState::poll`.
-        let s = self.slot().state.load(Ordering::Acquire);
-        !s.is_occupied() || s.generation() != self.generation
+        self.word().is_none_or(|s| !s.is_live(self.generation))
     }
 
     /// Resolves to `Some(reason)` once the call is cancelled, or to `None` if
@@ -270,8 +262,12 @@ impl Future for WatchCancelled {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<CancelReason>> {
         let this = &mut *self;
         let w = &this.watch;
-        this.wait
-            .poll(&w.channel, w.slot(), w.generation, cx)
+        let wait = &mut this.wait;
+        w.slot
+            .with(&w.channel.slab, |slot| {
+                wait.poll(&w.channel, slot, w.generation, cx)
+            })
+            .unwrap_or(Poll::Ready(Woken::Finished))
             .map(|woken| match woken {
                 Woken::Cancelled(reason) => Some(reason),
                 Woken::Finished => None,
@@ -282,7 +278,15 @@ impl Future for WatchCancelled {
 impl Drop for WatchCancelled {
     fn drop(&mut self) {
         let w = &self.watch;
-        self.wait.unpark(&w.channel, w.slot(), w.generation);
+        let wait = &mut self.wait;
+        if w.slot
+            .with(&w.channel.slab, |slot| {
+                wait.unpark(&w.channel, slot, w.generation)
+            })
+            .is_none()
+        {
+            wait.unpark_overflow(&w.channel, w.slot.addr().as_ptr() as usize);
+        }
     }
 }
 
