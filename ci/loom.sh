@@ -41,10 +41,15 @@ loom abort_vs_fault abort_vs_fault_same_call 3
 loom cancel_vs_complete cancel_vs_complete_while_callback_runs -
 loom cancel_vs_complete complete_vs_abort -
 loom two_aborts two_aborts_at_once -
+loom two_aborts two_faults_with_a_parked_watch 3
+loom watch_reuse watch_repolled_across_slot_reuse 3
+loom orphan last_handle_vs_finishing_free -
+loom cancel_per_call cancel_vs_fault 3
+loom cancel_per_call canceller_vs_complete_and_reuse 3
 loom begin_call_vs_abort begin_call_vs_host_abort -
 loom begin_call_vs_abort begin_call_vs_channel_fault -
-loom begin_call_vs_abort leased_begin_call_vs_host_abort -
-loom begin_call_vs_abort leased_begin_call_vs_close -
+loom begin_call_vs_abort reused_slot_begin_call_vs_host_abort -
+loom begin_call_vs_abort begin_call_vs_close -
 loom second_registration second_registration_vs_abort 3
 loom cancelled_future cancelled_future_vs_abort -
 loom cancelled_future two_cancelled_futures_vs_fault -

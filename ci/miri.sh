@@ -86,7 +86,7 @@ tests=(
   --test a3_reentrant
   --test a4_panics
   --test async_cancelled
-  --test lease_handoff
+  --test cancel_per_call
 )
 t0=$SECONDS
 log=$(mktemp)

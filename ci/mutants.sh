@@ -16,9 +16,14 @@
 #                                          re-check of the host/channel flags (R4)
 #   no_waker_recheck       src/waiter.rs:  WaitState::poll returns Pending right after
 #                                          registering the waker (lost wake-up)
-#   no_heavy_fence         src/sync.rs:    asym::heavy does nothing: a call that
-#                                          occupied its leased slot with a plain
-#                                          store can be missed by an abort (R4)
+#   no_started_wait        src/state.rs:   CallState::wait_started returns at once:
+#                                          a losing sweeper returns before the
+#                                          callback another one claimed started (A1)
+#   watch_primary          src/wait/cancel.rs: a CancelWatch future may take the
+#                                          slot's waker (lost wake-up after reuse)
+#   no_duty                src/state.rs:   CallState::request_duty never hands the
+#                                          release duties over (orphan leak,
+#                                          idle waiter never woken)
 set -euo pipefail
 IFS=$'\n\t'
 cd "$(dirname "$0")/.."
@@ -33,7 +38,9 @@ complete_ignores_claim cancel_vs_complete cancel_vs_complete_while_callback_runs
 relaxed_publish register_vs_abort register_vs_host_abort
 no_recheck begin_call_vs_abort begin_call_vs_host_abort
 no_waker_recheck cancelled_future cancelled_future_vs_abort
-no_heavy_fence begin_call_vs_abort leased_begin_call_vs_host_abort
+no_started_wait two_aborts two_faults_with_a_parked_watch
+watch_primary watch_reuse watch_repolled_across_slot_reuse
+no_duty orphan last_handle_vs_finishing_free
 "
 
 run() { # flags file test -> exit status of the model, output in $out

@@ -43,7 +43,7 @@ tests=(
   --test a3_reentrant
   --test a4_panics
   --test async_cancelled
-  --test lease_handoff
+  --test cancel_per_call
   --test panics
   --test misuse
 )

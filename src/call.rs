@@ -1,5 +1,6 @@
-//! Calls and their operation context: registration, completion, and the
-//! `cancelled()` future.
+//! Layer 6 (public face): [`Call`], [`OperationContext`], the
+//! [`Cancelled`] future and the [`Canceller`]. Delegation and docs only: the
+//! protocols live in `engine/channel.rs` and `wait/`.
 
 use core::fmt;
 use core::future::Future;
@@ -8,12 +9,11 @@ use core::pin::Pin;
 use core::ptr::NonNull;
 use core::task::{Context, Poll};
 
-use crate::channel::{ChannelShared, FirstPanic};
-use crate::slot::{CallSlot, Prepared};
-use crate::state::{Completion, Published};
-use crate::sync::Ordering;
-use crate::waiter::{CancelWatch, WaitState, Woken};
-use crate::{CancelReason, RegisterError, RegisterErrorKind};
+use crate::engine::channel::ChannelShared;
+use crate::slot::CallSlot;
+use crate::sync::{Arc, Ordering};
+use crate::wait::cancel::{CancelWatch, Role, WaitState, Woken};
+use crate::{CancelReason, RegisterError};
 
 /// The context of a running call (WWSAPI `WS_OPERATION_CONTEXT`): register a
 /// cancel callback, ask whether the call was cancelled, or await it.
@@ -47,7 +47,7 @@ impl OperationContext {
 
     /// This call's generation: stable while the call occupies its slot.
     #[inline]
-    fn generation(&self) -> usize {
+    fn generation(&self) -> u64 {
         // Ordering: Relaxed; only this call's own `try_occupy` (or the
         // release before it) wrote the generation bits.
         self.slot().state.load(Ordering::Relaxed).generation()
@@ -128,26 +128,8 @@ impl OperationContext {
         C: FnOnce(CancelReason, &S) + Send + 'static,
         F: FnOnce(S) + Send + 'static,
     {
-        let slot = self.slot();
-        let prepared = Prepared::new(state, on_cancel, on_free);
-        let published = slot.state.publish_registration();
-        if let Published::AlreadyRegistered = published {
-            return Err(RegisterError::new(
-                RegisterErrorKind::AlreadyRegistered,
-                prepared.into_state(),
-            ));
-        }
-        // SAFETY: `publish_registration` made us the registrar of this
-        // generation and we have not stored yet.
-        unsafe { slot.store_registration(prepared) };
-        if let Published::RunInline(reason) = published {
-            // SAFETY: `RunInline`: no canceller claimed this callback, and
-            // the owner cannot complete while we borrow the context.
-            if let Some(panic) = unsafe { slot.run_callback(reason) } {
-                std::panic::resume_unwind(panic);
-            }
-        }
-        Ok(())
+        self.channel()
+            .register(self.slot(), state, on_cancel, on_free)
     }
 
     /// Whether the call was cancelled. One `Acquire` load (P4).
@@ -188,7 +170,7 @@ impl OperationContext {
     pub fn cancelled(&self) -> Cancelled<'_> {
         Cancelled {
             ctx: self,
-            wait: WaitState::new(),
+            wait: WaitState::new(Role::Borrowing),
         }
     }
 
@@ -230,40 +212,45 @@ impl OperationContext {
         CancelWatch::new(channel, self.slot, self.generation())
     }
 
-    /// Completes the call: the owner's side of the free protocol.
+    /// Cancels this call alone with [`CancelReason::CallCancelled`] (R1–R6
+    /// hold as for any reason): its callback runs now, on this thread (or
+    /// inside a later registration), its waiters wake, and the host's other
+    /// calls are untouched. Returns `true` if this request decided the
+    /// cancellation, `false` if the call was already cancelled (the first
+    /// reason stays, R5).
     ///
-    /// Nothing here touches the channel or the slot after the release store
-    /// except through `held`, a temporary strong reference taken only when
-    /// the release leaves duties (idle waiters, an orphaned channel).
-    fn finish(&self) {
-        let slot = self.slot();
-        let channel = self.channel();
-        let Completion::OwnerFrees { prev } = slot.state.complete() else {
-            // A canceller's callback still runs: it frees and releases.
-            return;
-        };
-        // Right after the freer-deciding SeqCst RMW (host.rs, channel.rs).
-        let after = channel.after_release_duties();
-        // Watches still parked learn that the call finished. Panics of user
-        // code (a waker, the free-state) are caught so the call is always
-        // freed and released; the first is re-raised at the end.
-        let mut panics = FirstPanic::default();
-        panics.record(channel.wake_waiters(slot, prev));
-        if prev.is_registered() {
-            // SAFETY: `complete` returned `OwnerFrees`: we are the freer of
-            // this generation.
-            panics.record(unsafe { slot.free_registration(prev.is_cancelled()) });
-        }
-        // SAFETY: we still occupy the slot, so the keepalive is held.
-        let held = after
-            .any()
-            .then(|| unsafe { ChannelShared::hold(self.channel.as_ptr()) });
-        panics.record(channel.release(slot, Some(prev), after));
-        drop(held);
-        if let Some(panic) = panics.into_inner() {
-            if !std::thread::panicking() {
-                std::panic::resume_unwind(panic);
-            }
+    /// Costs one RMW on the call's own state word plus the callback; no
+    /// lock, no process-wide barrier.
+    ///
+    /// # Panics
+    ///
+    /// If the cancel callback panics, after the waiters were woken.
+    ///
+    /// ```
+    /// use callcancel::{CancelReason, ServiceHost};
+    /// let host = ServiceHost::new();
+    /// let channel = host.open_channel().unwrap();
+    /// let (a, b) = (channel.begin_call().unwrap(), channel.begin_call().unwrap());
+    /// assert!(a.cancel());
+    /// assert!(!a.cancel()); // decided already
+    /// assert_eq!(a.cancel_reason(), Some(CancelReason::CallCancelled));
+    /// assert!(!b.is_cancelled()); // its sibling runs on
+    /// ```
+    pub fn cancel(&self) -> bool {
+        self.channel().cancel_call(self.slot(), self.generation())
+    }
+
+    /// A `'static` handle that cancels this call (and only this call) from
+    /// anywhere, e.g. from the task that notices the client went away. Once
+    /// the call completed, [`Canceller::cancel`] does nothing and returns
+    /// `false`, even if the call's storage serves a later call.
+    pub fn canceller(&self) -> Canceller {
+        // SAFETY: this call occupies its slot, so the keepalive is held.
+        let channel = unsafe { ChannelShared::hold(self.channel.as_ptr()) };
+        Canceller {
+            channel,
+            slot: self.slot,
+            generation: self.generation(),
         }
     }
 }
@@ -296,6 +283,13 @@ impl Call {
                 slot,
             },
         }
+    }
+
+    /// Begins a call on `channel` (delegates to the engine's `begin`).
+    #[inline]
+    pub(crate) fn begin(channel: &ChannelShared) -> Result<Self, crate::Error> {
+        let slot = channel.begin()?;
+        Ok(Self::new(channel, slot))
     }
 
     /// Completes the call (the same as dropping it).
@@ -332,7 +326,14 @@ impl Deref for Call {
 
 impl Drop for Call {
     fn drop(&mut self) {
-        self.ctx.finish();
+        let ctx = &self.ctx;
+        // Nothing touches the channel or slot after the release inside
+        // `complete` except through a reference it takes itself.
+        if let Some(panic) = ctx.channel().complete(ctx.slot()) {
+            if !std::thread::panicking() {
+                std::panic::resume_unwind(panic);
+            }
+        }
     }
 }
 
@@ -369,12 +370,79 @@ impl Future for Cancelled<'_> {
 
 impl Drop for Cancelled<'_> {
     fn drop(&mut self) {
-        self.wait.unpark(self.ctx.channel());
+        let ctx = self.ctx;
+        self.wait
+            .unpark(ctx.channel(), ctx.slot(), ctx.generation());
     }
 }
 
 impl fmt::Debug for Cancelled<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Cancelled").finish_non_exhaustive()
+    }
+}
+
+/// Cancels one call from anywhere: `Clone + Send + Sync + 'static`. Taken
+/// with [`OperationContext::canceller`].
+///
+/// It names the call by its slot and generation, so once that call has
+/// completed, [`cancel`](Canceller::cancel) returns `false` and touches
+/// nothing, even if a later call reuses the storage. It keeps the call's
+/// channel's memory alive (not the call, and not the channel's handles).
+///
+/// ```
+/// use callcancel::{CancelReason, ServiceHost};
+/// let host = ServiceHost::new();
+/// let call = host.begin_call().unwrap();
+/// let canceller = call.canceller();
+/// std::thread::spawn(move || assert!(canceller.cancel())).join().unwrap();
+/// assert_eq!(call.cancel_reason(), Some(CancelReason::CallCancelled));
+/// let late = call.canceller();
+/// call.complete();
+/// assert!(!late.cancel()); // completed: nothing to do
+/// ```
+#[derive(Clone)]
+pub struct Canceller {
+    channel: Arc<ChannelShared>,
+    slot: NonNull<CallSlot>,
+    generation: u64,
+}
+
+// SAFETY: `slot` points into `channel`'s slab, kept alive by `channel`;
+// `cancel` goes through the state word's protocol (atomics), which checks
+// the generation before touching anything of the call.
+unsafe impl Send for Canceller {}
+// SAFETY: as above; `&Canceller` offers only `cancel`, which is thread-safe.
+unsafe impl Sync for Canceller {}
+
+impl Canceller {
+    /// Cancels the call with [`CancelReason::CallCancelled`], as
+    /// [`OperationContext::cancel`]: `true` if this request decided the
+    /// cancellation; `false` if it was already cancelled or has completed.
+    ///
+    /// # Panics
+    ///
+    /// If the call's cancel callback panics (it runs on this thread).
+    pub fn cancel(&self) -> bool {
+        // SAFETY: the slab lives as long as `self.channel`.
+        let slot = unsafe { self.slot.as_ref() };
+        self.channel.cancel_call(slot, self.generation)
+    }
+
+    /// Whether the call this canceller names has completed.
+    pub fn is_finished(&self) -> bool {
+        // SAFETY: as in `cancel`.
+        let slot = unsafe { self.slot.as_ref() };
+        // Ordering: Acquire, pairing with the freer's release swap.
+        !slot.state.load(Ordering::Acquire).is_live(self.generation)
+    }
+}
+
+impl fmt::Debug for Canceller {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Canceller")
+            .field("generation", &self.generation)
+            .field("finished", &self.is_finished())
+            .finish()
     }
 }

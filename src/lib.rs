@@ -92,20 +92,31 @@
 #![warn(clippy::undocumented_unsafe_blocks)]
 #![doc(test(attr(deny(warnings))))]
 
-mod call;
-mod channel;
-mod error;
-mod host;
+// Layer 0: the synchronisation seam.
 #[cfg(loom)]
 mod loom_waker;
-mod registry;
-mod slot;
-mod state;
 mod sync;
-mod waiter;
+// Layer 1: value types.
+mod value;
+// Layer 2: the state word.
+mod state;
+// Layer 3: the slot.
+mod slot;
+// Layer 4: slabs, the channel table, the host core, waiter lists.
+mod store;
+// Layer 5: the engine.
+mod engine;
+// Layer 6: the async layer.
+mod wait;
+// Layer 7: the public face.
+mod call;
+mod channel;
+mod host;
 
-pub use call::{Call, Cancelled, OperationContext};
+pub use call::{Call, Cancelled, Canceller, OperationContext};
 pub use channel::Channel;
-pub use error::{CancelReason, Error, HostState, RegisterError, RegisterErrorKind};
-pub use host::{Idle, ServiceHost};
-pub use waiter::{CancelWatch, WatchCancelled};
+pub use host::ServiceHost;
+pub use value::error::{CancelReason, Error, HostState, RegisterError, RegisterErrorKind};
+pub use value::stats::HostStats;
+pub use wait::cancel::{CancelWatch, WatchCancelled};
+pub use wait::idle::Idle;

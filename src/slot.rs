@@ -18,15 +18,11 @@
 
 use core::mem::{align_of, size_of, ManuallyDrop, MaybeUninit};
 use core::ptr;
-use std::any::Any;
-use std::panic::{self, AssertUnwindSafe};
 
 use crate::state::CallState;
 use crate::sync::{spin_wait, AtomicPtr, AtomicWaker, Ordering, UnsafeCell};
+use crate::value::panic::{catch, Panic};
 use crate::CancelReason;
-
-/// A panic payload caught from user code.
-pub(crate) type Panic = Box<dyn Any + Send + 'static>;
 
 /// Machine words of inline registration storage in each slot (P2: a state
 /// and closures of up to three words in total are stored without allocating).
@@ -98,12 +94,18 @@ where
             on_cancel,
             on_free,
         } = unsafe { ptr::read(parts) };
-        if !cancel_ran {
-            // The callback's captures go before the state is handed to
-            // on_free.
-            drop(ManuallyDrop::into_inner(on_cancel));
-        }
+        // The callback's captures go before the state is handed to on_free;
+        // a panic while dropping them must not skip on_free (R2): it is
+        // re-raised after on_free ran.
+        let dropped = if cancel_ran {
+            None
+        } else {
+            catch(|| drop(ManuallyDrop::into_inner(on_cancel)))
+        };
         on_free(state);
+        if let Some(panic) = dropped {
+            std::panic::resume_unwind(panic);
+        }
     }
 
     unsafe fn cancel_inline(buf: *mut Buf, reason: CancelReason) {
@@ -127,14 +129,20 @@ where
     unsafe fn free_boxed(buf: *mut Buf, cancel_ran: bool) {
         // SAFETY: `store` put a `Box::into_raw` pointer at the start of `buf`.
         let boxed = unsafe { buf.cast::<*mut Self>().read() };
-        // SAFETY: the box is live; after moving the value out we release
-        // its allocation without dropping the (moved) value again.
-        unsafe {
-            Self::free_at(boxed, cancel_ran);
+        /// Releases the box's memory (not its value, which `free_at`
+        /// moves out) when dropped: also when `on_free` panics (no leak, A4).
+        struct Dealloc<T>(*mut MaybeUninit<T>);
+        impl<T> Drop for Dealloc<T> {
+            fn drop(&mut self) {
+                // SAFETY: the pointer came from `Box::into_raw`; as
+                // `MaybeUninit` only the memory is released.
+                drop(unsafe { Box::from_raw(self.0) });
+            }
         }
-        // SAFETY: `boxed` came from `Box::into_raw`; its value was moved out
-        // above, so it is dropped as `MaybeUninit` (memory only).
-        drop(unsafe { Box::from_raw(boxed.cast::<MaybeUninit<Self>>()) });
+        let _dealloc = Dealloc(boxed.cast::<MaybeUninit<Self>>());
+        // SAFETY: the box is live; `free_at` moves the value out once, and
+        // `_dealloc` then releases the memory without dropping it again.
+        unsafe { Self::free_at(boxed, cancel_ran) }
     }
 }
 
@@ -175,12 +183,6 @@ where
         drop(parts.on_free);
         parts.state
     }
-}
-
-/// Runs user code, catching a panic so the caller can finish its protocol
-/// step first (A4).
-pub(crate) fn catch(f: impl FnOnce()) -> Option<Panic> {
-    panic::catch_unwind(AssertUnwindSafe(f)).err()
 }
 
 /// One call's slot: 64 bytes, aligned to a cache line so two calls never
@@ -287,6 +289,8 @@ impl CallSlot {
     /// has not yet called `finish_cancel`.
     pub(crate) unsafe fn run_callback(&self, reason: CancelReason) -> Option<Panic> {
         let vtable = self.published();
+        // Invoked from here on (A1): sweepers that lost the race may return.
+        self.state.mark_started();
         self.cell.with_mut(|buf| {
             // SAFETY: `vtable` matches the bytes in `buf` (published after
             // them); per the contract this thread alone runs the callback,
@@ -398,7 +402,12 @@ mod tests {
                     },
                 );
             }
-            // SAFETY: single-threaded test: we act as the claimer.
+            let g = slot.state.load(Ordering::Relaxed).generation();
+            assert!(matches!(
+                slot.state.request_cancel(g, CancelReason::HostAbort),
+                crate::state::CancelOutcome::Claimed { .. }
+            ));
+            // SAFETY: single-threaded test: we are the claimer.
             assert!(unsafe { slot.run_callback(CancelReason::HostAbort) }.is_none());
             // SAFETY: and then as the freer; the callback ran.
             assert!(unsafe { slot.free_registration(true) }.is_none());
@@ -442,6 +451,53 @@ mod tests {
         assert_eq!(Arc::strong_count(&token), 2);
         // SAFETY: single-threaded test: we are the freer; no cancel ran.
         assert!(unsafe { slot.free_registration(false) }.is_none());
+        assert_eq!(Arc::strong_count(&token), 1);
+    }
+
+    /// Issue 12 #9: a panicking `on_free` of a boxed registration leaked the
+    /// box, and a panic while dropping an unrun callback's captures skipped
+    /// `on_free` (R2).
+    #[test]
+    fn panics_in_a_free_neither_leak_nor_skip_on_free() {
+        struct PanicOnDrop(#[allow(dead_code)] Arc<()>);
+        impl Drop for PanicOnDrop {
+            fn drop(&mut self) {
+                panic!("capture drop");
+            }
+        }
+        // A boxed registration whose on_free panics: its captures and state
+        // are still released.
+        let slot = CallSlot::new();
+        let token = Arc::new(());
+        let (t1, t2) = (Arc::clone(&token), Arc::clone(&token));
+        store(
+            &slot,
+            [Arc::clone(&token), Arc::clone(&token)],
+            move |_, _| drop(t1),
+            move |_s| {
+                let _keep = &t2;
+                panic!("on_free");
+            },
+        );
+        // SAFETY: single-threaded test: we are the freer; no cancel ran.
+        assert!(unsafe { slot.free_registration(false) }.is_some());
+        assert_eq!(Arc::strong_count(&token), 1, "everything was dropped");
+        // An unrun callback whose captures panic on drop: on_free still runs.
+        let slot = CallSlot::new();
+        let freed = Arc::new(AtomicUsize::new(0));
+        let f = Arc::clone(&freed);
+        let bomb = PanicOnDrop(Arc::clone(&token));
+        store(
+            &slot,
+            1u8,
+            move |_, _| drop(bomb),
+            move |_| {
+                f.fetch_add(1, Ordering::SeqCst);
+            },
+        );
+        // SAFETY: as above.
+        assert!(unsafe { slot.free_registration(false) }.is_some());
+        assert_eq!(freed.load(Ordering::SeqCst), 1, "on_free ran");
         assert_eq!(Arc::strong_count(&token), 1);
     }
 }

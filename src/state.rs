@@ -106,74 +106,103 @@
 //! * `is_cancelled()` is one `Acquire` load, pairing with the `AcqRel`
 //!   RMW that set `CANCELLED` (P4).
 
-use crate::sync::{AtomicUsize, Ordering};
+use crate::sync::{AtomicU64, Ordering};
 use crate::CancelReason;
 
-const OCCUPIED: usize = 1 << 0;
-const LEASED: usize = 1 << 1;
-const REGISTERED: usize = 1 << 2;
-const CANCELLED: usize = 1 << 3;
-const R_FAULT: usize = 1 << 4;
-const CLAIMED: usize = 1 << 5;
-const CB_DONE: usize = 1 << 6;
-const COMPLETED: usize = 1 << 7;
-/// A primary `cancelled()` future parked in the slot's `AtomicWaker`.
-pub(crate) const WAITER: usize = 1 << 8;
-/// Further `cancelled()` futures parked in the channel's overflow list.
-pub(crate) const OVERFLOW: usize = 1 << 9;
-const GEN_SHIFT: u32 = 10;
-const FLAGS_MASK: usize = (1 << GEN_SHIFT) - 1;
+// The generation must not wrap while a `CancelWatch` or `Canceller` of an
+// old call can still look at the slot: a 64-bit word on every target.
+#[cfg(not(any(target_has_atomic = "64", loom)))]
+compile_error!("callcancel needs 64-bit atomics (its per-call state word is an AtomicU64)");
 
-/// A value read from a [`CallState`]; never a bare `usize` across a function
+const OCCUPIED: u64 = 1 << 0;
+const REGISTERED: u64 = 1 << 1;
+const CANCELLED: u64 = 1 << 2;
+/// Two bits: which [`CancelReason`] was decided (meaningful with `CANCELLED`).
+const REASON_SHIFT: u32 = 3;
+const REASON_MASK: u64 = 0b11 << REASON_SHIFT;
+const CLAIMED: u64 = 1 << 5;
+const STARTED: u64 = 1 << 6;
+const CB_DONE: u64 = 1 << 7;
+const COMPLETED: u64 = 1 << 8;
+/// A primary `cancelled()` future parked in the slot's `AtomicWaker`.
+pub(crate) const WAITER: u64 = 1 << 9;
+/// Further futures parked in the channel's overflow list.
+pub(crate) const OVERFLOW: u64 = 1 << 10;
+/// Somebody asked the freer to look after the channel once it released the
+/// slot (idle waiters, an orphaned channel), and handed it a strong
+/// reference for that.
+const DUTY: u64 = 1 << 11;
+const GEN_SHIFT: u32 = 12;
+const FLAGS_MASK: u64 = (1 << GEN_SHIFT) - 1;
+/// Bits of generation: a slot reused every 10 ns wraps after ~1.4 years.
+#[cfg(test)]
+pub(crate) const GEN_BITS: u32 = u64::BITS - GEN_SHIFT;
+
+/// A value read from a [`CallState`]; never a bare integer across a function
 /// boundary.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Snapshot(usize);
+pub(crate) struct Snapshot(u64);
 
 impl Snapshot {
+    #[inline]
     pub(crate) fn is_occupied(self) -> bool {
         self.0 & OCCUPIED != 0
     }
-    /// The slot is reserved for the thread holding its lease tag.
     #[inline]
-    pub(crate) fn is_leased(self) -> bool {
-        self.0 & LEASED != 0
-    }
-    pub(crate) fn generation(self) -> usize {
+    pub(crate) fn generation(self) -> u64 {
         self.0 >> GEN_SHIFT
     }
     #[inline]
     pub(crate) fn is_cancelled(self) -> bool {
         self.0 & CANCELLED != 0
     }
+    #[inline]
     pub(crate) fn is_completed(self) -> bool {
         self.0 & COMPLETED != 0
     }
-    /// Completed, with the freer at work: `release` follows without waking
-    /// anybody who was not waiting already (`host.rs`).
+    /// Completed, and the freer decided (the owner in `complete`, or the
+    /// canceller in `finish_cancel`): `release` follows.
+    #[inline]
     pub(crate) fn is_finishing(self) -> bool {
         self.is_occupied() && self.is_completed() && (!self.has(CLAIMED) || self.has(CB_DONE))
     }
+    #[inline]
     pub(crate) fn is_registered(self) -> bool {
         self.0 & REGISTERED != 0
+    }
+    /// Cancelled and registered, but the callback has not been invoked yet:
+    /// a claimer or inline registrar is a few instructions (no user code)
+    /// away from setting `STARTED` (A1 waits for it).
+    #[inline]
+    pub(crate) fn callback_pending(self) -> bool {
+        self.0 & (OCCUPIED | REGISTERED | CANCELLED | STARTED) == OCCUPIED | REGISTERED | CANCELLED
     }
     /// The word as the owner's `complete` left it.
     #[inline]
     pub(crate) fn with_completed(self) -> Self {
         Self(self.0 | COMPLETED)
     }
-    pub(crate) fn has(self, bit: usize) -> bool {
+    #[inline]
+    pub(crate) fn has(self, bit: u64) -> bool {
         self.0 & bit != 0
+    }
+    /// Whether `self` is generation `gen` of the slot, still occupied.
+    #[inline]
+    pub(crate) fn is_live(self, gen: u64) -> bool {
+        self.is_occupied() && self.generation() == gen
     }
     /// The decided reason, if cancelled.
     #[inline]
     pub(crate) fn reason(self) -> Option<CancelReason> {
         if self.0 & CANCELLED == 0 {
-            None
-        } else if self.0 & R_FAULT != 0 {
-            Some(CancelReason::ChannelFaulted)
-        } else {
-            Some(CancelReason::HostAbort)
+            return None;
         }
+        Some(match (self.0 & REASON_MASK) >> REASON_SHIFT {
+            0 => CancelReason::HostAbort,
+            1 => CancelReason::ChannelFaulted,
+            2 => CancelReason::CallCancelled,
+            _ => CancelReason::DeadlineExceeded,
+        })
     }
 }
 
@@ -181,15 +210,15 @@ impl core::fmt::Debug for Snapshot {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         let names = [
             (OCCUPIED, "OCCUPIED"),
-            (LEASED, "LEASED"),
             (REGISTERED, "REGISTERED"),
             (CANCELLED, "CANCELLED"),
-            (R_FAULT, "R_FAULT"),
             (CLAIMED, "CLAIMED"),
+            (STARTED, "STARTED"),
             (CB_DONE, "CB_DONE"),
             (COMPLETED, "COMPLETED"),
             (WAITER, "WAITER"),
             (OVERFLOW, "OVERFLOW"),
+            (DUTY, "DUTY"),
         ];
         write!(f, "gen {} [", self.generation())?;
         let mut first = true;
@@ -202,15 +231,21 @@ impl core::fmt::Debug for Snapshot {
                 first = false;
             }
         }
+        if let Some(r) = self.reason() {
+            write!(f, " {r:?}")?;
+        }
         f.write_str("]")
     }
 }
 
-fn reason_bits(reason: CancelReason) -> usize {
-    match reason {
+fn reason_bits(reason: CancelReason) -> u64 {
+    let code = match reason {
         CancelReason::HostAbort => 0,
-        CancelReason::ChannelFaulted => R_FAULT,
-    }
+        CancelReason::ChannelFaulted => 1,
+        CancelReason::CallCancelled => 2,
+        CancelReason::DeadlineExceeded => 3,
+    };
+    code << REASON_SHIFT
 }
 
 /// Outcome of [`CallState::publish_registration`].
@@ -222,7 +257,8 @@ pub(crate) enum Published {
     /// Armed: a later cancel claims and runs the callback.
     Armed,
     /// Cancellation was decided first: the registrar runs the callback now,
-    /// inline, with this reason (R4). No canceller will touch the cell.
+    /// inline, with this reason (R4), after [`CallState::mark_started`]. No
+    /// canceller will touch the cell.
     RunInline(CancelReason),
 }
 
@@ -231,14 +267,16 @@ pub(crate) enum Published {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum CancelOutcome {
     /// This canceller decided the cancellation *and* claimed the registered
-    /// callback: it must run it, then call [`CallState::finish_cancel`].
+    /// callback: it must [`CallState::mark_started`], run it, then call
+    /// [`CallState::finish_cancel`], then wake the waiters `wake` names.
     Claimed { wake: Snapshot },
     /// This canceller decided the cancellation; nothing is registered yet
     /// (a later registration runs the callback inline). Wake waiters.
     Marked { wake: Snapshot },
-    /// Nothing to do: already cancelled (first reason wins, R5), completed
-    /// (R6), free, or reused by another generation.
-    Skipped,
+    /// Nothing decided here: already cancelled (first reason wins, R5; `now`
+    /// says whether a callback is still to be invoked), completed (R6), free,
+    /// or reused by another generation.
+    Skipped { now: Snapshot },
 }
 
 /// Outcome of [`CallState::finish_cancel`].
@@ -248,8 +286,8 @@ pub(crate) enum AfterCallback {
     /// The owner has not completed: it will free at completion.
     OwnerFrees,
     /// The owner completed while the callback ran: the canceller frees the
-    /// state and releases the slot.
-    CancellerFrees,
+    /// state and releases the slot. `word` is the word as it now stands.
+    CancellerFrees { word: Snapshot },
 }
 
 /// Outcome of [`CallState::complete`].
@@ -263,16 +301,42 @@ pub(crate) enum Completion {
     CancellerFrees,
 }
 
+/// Outcome of [`CallState::release`].
+#[must_use]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Released {
+    /// Nobody asked for anything.
+    Quiet,
+    /// A `DUTY` request was found: the releaser now owns the strong channel
+    /// reference its setter handed over, and must run the release duties.
+    Duty,
+}
+
+/// Outcome of [`CallState::request_duty`].
+#[must_use]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DutyRequest {
+    /// Our `DUTY` bit is on the word: the freer takes over the reference we
+    /// handed over.
+    HandedOver,
+    /// The bit was there already: the freer will look anyway (and owns an
+    /// earlier setter's reference); ours stays with us.
+    AlreadyAsked,
+    /// The slot is no longer finishing (released, or not yet decided): look
+    /// at it again.
+    NotFinishing,
+}
+
 /// The atomic state word of one call slot. See the module docs.
 #[derive(Debug)]
 pub(crate) struct CallState {
-    word: AtomicUsize,
+    word: AtomicU64,
 }
 
 impl CallState {
     pub(crate) fn new() -> Self {
         Self {
-            word: AtomicUsize::new(0),
+            word: AtomicU64::new(0),
         }
     }
 
@@ -292,8 +356,7 @@ impl CallState {
         Snapshot(self.word.load(order))
     }
 
-    /// `begin_call`: take a free slot that is not leased. Returns the
-    /// occupied snapshot.
+    /// `begin_call`: take a free slot. Returns the occupied snapshot.
     ///
     /// Ordering: `SeqCst`, so that the caller's following `SeqCst` re-check
     /// of the host/channel flags forms the R4 Dekker pair with the sweeps
@@ -301,51 +364,15 @@ impl CallState {
     #[inline]
     #[must_use]
     pub(crate) fn try_occupy(&self) -> Option<Snapshot> {
-        self.try_occupy_setting(0)
-    }
-
-    /// `begin_call` on the slot its thread may lease: take it if it is free
-    /// and not leased yet, and lease it in the same CAS. Orderings as
-    /// [`CallState::try_occupy`].
-    #[must_use]
-    pub(crate) fn try_occupy_and_lease(&self) -> Option<Snapshot> {
-        self.try_occupy_setting(LEASED)
-    }
-
-    #[inline]
-    fn try_occupy_setting(&self, extra: usize) -> Option<Snapshot> {
         let cur = self.word.load(Ordering::Relaxed);
-        if cur & (OCCUPIED | LEASED) != 0 {
+        if cur & OCCUPIED != 0 {
             return None;
         }
-        let new = cur | OCCUPIED | extra;
+        let new = cur | OCCUPIED;
         self.word
             .compare_exchange(cur, new, Ordering::SeqCst, Ordering::Relaxed)
             .ok()
             .map(|_| Snapshot(new))
-    }
-
-    /// `begin_call` by the holder of this slot's lease: occupy it with a
-    /// plain store if it is free.
-    ///
-    /// The caller must hold the slot's lease (`registry.rs`): then no other
-    /// thread writes the word while it is free and leased (claimers skip
-    /// `LEASED`, sweepers and waiters need `OCCUPIED`, stale CASes carry an
-    /// old generation), so a load and a store cannot lose an update.
-    ///
-    /// Ordering: `Acquire` load, pairing with `release` (pair 3); `Relaxed`
-    /// store, followed by `sync::asym::light` before the flag re-check (the
-    /// R4 pair, module docs).
-    #[inline]
-    #[must_use]
-    pub(crate) fn occupy_leased(&self) -> Option<Snapshot> {
-        let cur = self.word.load(Ordering::Acquire);
-        if cur & (OCCUPIED | LEASED) != LEASED {
-            return None;
-        }
-        let new = cur | OCCUPIED;
-        self.word.store(new, Ordering::Relaxed);
-        Some(Snapshot(new))
     }
 
     /// A registration: become *the* registrar, in one RMW.
@@ -370,24 +397,22 @@ impl CallState {
         }
     }
 
-    /// A canceller (abort or fault sweep) asks to cancel generation `gen`.
+    /// A canceller asks to cancel generation `gen` with `reason`.
     ///
     /// Ordering: `AcqRel` on success. Acquire: a claimer is ordered after the
     /// registrar's RMW (it still waits for the registration bytes through the
     /// slot's vtable pointer, pair 1). Release: publishes `CANCELLED` (and
     /// everything the canceller did before) to `is_cancelled()`, to
     /// `cancelled()` and to a registrar that will run the callback inline.
-    pub(crate) fn request_cancel(&self, gen: usize, reason: CancelReason) -> CancelOutcome {
+    /// The failure and skip loads are `Acquire` too: a skipping sweeper that
+    /// must wait for `STARTED` (A1) reads it with `Acquire` afterwards.
+    pub(crate) fn request_cancel(&self, gen: u64, reason: CancelReason) -> CancelOutcome {
         let mut cur = Snapshot(self.word.load(Ordering::Acquire));
         loop {
-            if !cur.is_occupied()
-                || cur.generation() != gen
-                || cur.is_completed()
-                || cur.is_cancelled()
-            {
-                return CancelOutcome::Skipped;
+            if !cur.is_live(gen) || cur.is_completed() || cur.is_cancelled() {
+                return CancelOutcome::Skipped { now: cur };
             }
-            let claim = cur.has(REGISTERED);
+            let claim = cur.is_registered();
             let mut new = cur.0 | CANCELLED | reason_bits(reason);
             if claim {
                 new |= CLAIMED;
@@ -403,17 +428,55 @@ impl CallState {
         }
     }
 
+    /// The callback runner (claimer, or inline registrar) is about to invoke
+    /// the callback: from now on a sweeper that lost the race may return
+    /// (A1: "invoked").
+    ///
+    /// Ordering: `Release`, pairing with the `Acquire` loads of
+    /// [`CallState::wait_started`].
+    pub(crate) fn mark_started(&self) {
+        // Mutant (ci/mutants.sh): never say so (losers then return early...
+        // or, with the wait, spin: the model reports it).
+        let prev = Snapshot(self.word.fetch_or(STARTED, Ordering::Release));
+        debug_assert!(prev.is_cancelled() && prev.is_registered() && !prev.has(STARTED));
+    }
+
+    /// A sweeper that lost the race for generation `gen` waits until its
+    /// callback, decided by another thread, has been invoked (A1 for every
+    /// caller). The runner executes no user code between deciding and
+    /// `mark_started` (it may wait for the registrar's publication, which
+    /// also runs no user code), so this waits for a few instructions, unless
+    /// that thread is preempted.
+    pub(crate) fn wait_started(&self, gen: u64) {
+        // Mutant (ci/mutants.sh): return before the callback was invoked.
+        if cfg!(callcancel_mutant = "no_started_wait") {
+            return;
+        }
+        let mut spins = 0u32;
+        loop {
+            // Ordering: Acquire, pairing with `mark_started`'s Release.
+            let s = self.load(Ordering::Acquire);
+            if !s.is_live(gen) || !s.callback_pending() {
+                return;
+            }
+            spins = spins.wrapping_add(1);
+            crate::sync::spin_wait(spins);
+        }
+    }
+
     /// The claimer's callback returned (or panicked).
     ///
     /// Ordering: `SeqCst` (at least `AcqRel`): release hands the cell to an
     /// owner that completes later (pair 2); acquire makes the owner's writes
     /// visible when the owner completed first and the canceller now frees;
-    /// `SeqCst` for the idle-waiter check that a freer makes next.
+    /// `SeqCst` for the idle-waiter and handle checks a freer makes next.
     pub(crate) fn finish_cancel(&self) -> AfterCallback {
         let prev = Snapshot(self.word.fetch_or(CB_DONE, Ordering::SeqCst));
         debug_assert!(prev.has(CLAIMED) && !prev.has(CB_DONE));
         if prev.is_completed() {
-            AfterCallback::CancellerFrees
+            AfterCallback::CancellerFrees {
+                word: Snapshot(prev.0 | CB_DONE),
+            }
         } else {
             AfterCallback::OwnerFrees
         }
@@ -423,10 +486,7 @@ impl CallState {
     ///
     /// Ordering: one `SeqCst` RMW sets `COMPLETED`, pairing with
     /// `finish_cancel` (pair 2), and with the idle waiters and the last
-    /// channel handle (module docs). The freer's `release` is a plain store,
-    /// and nothing touches the channel after it without a reference of its
-    /// own: so even a call with nothing registered is not released by this
-    /// RMW itself.
+    /// channel handle (module docs).
     pub(crate) fn complete(&self) -> Completion {
         let prev = Snapshot(self.word.fetch_or(COMPLETED, Ordering::SeqCst));
         // Mutant (ci/mutants.sh): free while the callback still runs.
@@ -440,42 +500,71 @@ impl CallState {
         }
     }
 
-    /// The freer hands the slot back: clear every flag but `LEASED` and bump
-    /// the generation with one `Release` store (pair 3). No RMW is needed: in the
-    /// finishing phase no other thread writes the word (module docs).
-    pub(crate) fn release(&self) {
-        self.release_from(Snapshot(self.word.load(Ordering::Relaxed)));
-    }
-
-    /// [`CallState::release`] by a freer that knows the word's last value
-    /// (nobody else writes it in the finishing phase), saving the load.
+    /// The freer hands the slot back: clear every flag and bump the
+    /// generation in one `SeqCst` swap (pair 3, and the `DUTY` hand-off).
+    /// `cur` is the word as the freer last knew it; in the finishing phase
+    /// nobody writes it but a `DUTY` setter.
     #[inline]
-    pub(crate) fn release_from(&self, cur: Snapshot) {
-        debug_assert!(
-            cur.is_occupied() && cur.is_completed(),
-            "release of {cur:?}"
-        );
+    pub(crate) fn release(&self, cur: Snapshot) -> Released {
+        debug_assert!(cur.is_finishing(), "release of {cur:?}");
+        let old = Snapshot(self.word.swap(next_free(cur), Ordering::SeqCst));
         debug_assert_eq!(
-            self.word.load(Ordering::Relaxed),
-            cur.0,
-            "the word changed in the finishing phase"
+            old.0 & !DUTY,
+            cur.0 & !DUTY,
+            "the word changed while finishing"
         );
-        self.word.store(next_free(cur), Ordering::Release);
+        if old.has(DUTY) {
+            Released::Duty
+        } else {
+            Released::Quiet
+        }
     }
 
-    /// A `cancelled()` future or a [`CancelWatch`](crate::CancelWatch)
-    /// announces itself (`WAITER` or `OVERFLOW`) on generation `gen`.
-    /// Returns the state it replaced, or `None` if that generation has
-    /// completed (or the slot moved on): then nobody will wake it.
+    /// Asks the freer of a finishing generation `gen` to run the release
+    /// duties once it released the slot (the caller hands it a strong
+    /// channel reference on `HandedOver`).
+    ///
+    /// Ordering: `SeqCst`: the caller's interest (an idle-waiter count, a
+    /// dropped handle) precedes this in the `SeqCst` order, and the freer's
+    /// `release` swap, which reads our bit, precedes its duty checks.
+    pub(crate) fn request_duty(&self, gen: u64) -> DutyRequest {
+        // Mutant (ci/mutants.sh): pretend somebody asked already.
+        if cfg!(callcancel_mutant = "no_duty") {
+            return DutyRequest::AlreadyAsked;
+        }
+        let mut cur = self.load(Ordering::SeqCst);
+        loop {
+            if !cur.is_live(gen) || !cur.is_finishing() {
+                return DutyRequest::NotFinishing;
+            }
+            if cur.has(DUTY) {
+                return DutyRequest::AlreadyAsked;
+            }
+            match self.word.compare_exchange_weak(
+                cur.0,
+                cur.0 | DUTY,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            ) {
+                Ok(_) => return DutyRequest::HandedOver,
+                Err(actual) => cur = Snapshot(actual),
+            }
+        }
+    }
+
+    /// A `cancelled()` future announces itself (`WAITER` or `OVERFLOW`) on
+    /// generation `gen`. Returns the state it replaced, or `None` if that
+    /// generation has completed (or the slot moved on): then nobody will
+    /// wake it.
     ///
     /// Ordering: `AcqRel`: if the returned snapshot is not cancelled, a
     /// canceller's or completer's later RMW is ordered after ours in the
     /// word's modification order, sees the bit, and wakes.
     #[must_use]
-    pub(crate) fn announce_waiter(&self, gen: usize, bit: usize) -> Option<Snapshot> {
+    pub(crate) fn announce_waiter(&self, gen: u64, bit: u64) -> Option<Snapshot> {
         let mut cur = Snapshot(self.word.load(Ordering::Acquire));
         loop {
-            if !cur.is_occupied() || cur.generation() != gen || cur.is_completed() {
+            if !cur.is_live(gen) || cur.is_completed() {
                 return None;
             }
             if cur.has(bit) || cur.is_cancelled() {
@@ -492,26 +581,95 @@ impl CallState {
             }
         }
     }
+
+    /// The primary `cancelled()` future of generation `gen` goes away
+    /// unwoken: clear `WAITER` so the next future of the call can take the
+    /// slot's waker again (instead of the channel's overflow list).
+    ///
+    /// Ordering: `Relaxed` suffices for the bit (a canceller that still saw
+    /// it merely wakes an empty `AtomicWaker`).
+    pub(crate) fn withdraw_waiter(&self, gen: u64) {
+        let mut cur = Snapshot(self.word.load(Ordering::Relaxed));
+        loop {
+            if !cur.is_live(gen) || cur.is_completed() || cur.is_cancelled() || !cur.has(WAITER) {
+                return;
+            }
+            match self.word.compare_exchange_weak(
+                cur.0,
+                cur.0 & !WAITER,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return,
+                Err(actual) => cur = Snapshot(actual),
+            }
+        }
+    }
 }
 
-fn next_free(cur: Snapshot) -> usize {
-    (((cur.0 & !FLAGS_MASK).wrapping_add(1 << GEN_SHIFT)) & !FLAGS_MASK) | (cur.0 & LEASED)
+fn next_free(cur: Snapshot) -> u64 {
+    ((cur.0 & !FLAGS_MASK).wrapping_add(1 << GEN_SHIFT)) & !FLAGS_MASK
 }
 
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
 
+    fn finish(s: &CallState, prev: Snapshot) {
+        assert_eq!(s.release(prev.with_completed()), Released::Quiet);
+    }
+
+    #[test]
+    fn the_generation_is_wide_on_every_target() {
+        // Issue 12 #10: 22 bits on 32-bit targets wrapped in ~0.1 s.
+        const { assert!(GEN_BITS >= 52) };
+        let s = CallState::new();
+        let g = s.try_occupy().unwrap().generation();
+        let Completion::OwnerFrees { prev } = s.complete() else {
+            panic!()
+        };
+        finish(&s, prev);
+        assert_eq!(s.load(Ordering::Relaxed).generation(), g + 1);
+    }
+
     #[test]
     fn lifecycle_without_registration_bumps_generation() {
         let s = CallState::new();
         let occ = s.try_occupy().unwrap();
         assert!(s.try_occupy().is_none());
-        assert!(matches!(s.complete(), Completion::OwnerFrees { prev } if !prev.is_registered()));
-        s.release();
+        let Completion::OwnerFrees { prev } = s.complete() else {
+            panic!("no claim")
+        };
+        assert!(!prev.is_registered());
+        finish(&s, prev);
         let next = s.load(Ordering::Relaxed);
         assert!(!next.is_occupied());
         assert_eq!(next.generation(), occ.generation() + 1);
+    }
+
+    #[test]
+    fn every_reason_round_trips_through_the_word() {
+        for reason in [
+            CancelReason::HostAbort,
+            CancelReason::ChannelFaulted,
+            CancelReason::CallCancelled,
+            CancelReason::DeadlineExceeded,
+        ] {
+            let s = CallState::new();
+            let g = s.try_occupy().unwrap().generation();
+            assert!(matches!(
+                s.request_cancel(g, reason),
+                CancelOutcome::Marked { .. }
+            ));
+            assert_eq!(s.load(Ordering::Relaxed).reason(), Some(reason));
+            for other in [CancelReason::HostAbort, CancelReason::DeadlineExceeded] {
+                assert!(matches!(
+                    s.request_cancel(g, other),
+                    CancelOutcome::Skipped { .. }
+                ));
+            }
+            assert_eq!(s.load(Ordering::Relaxed).reason(), Some(reason));
+        }
     }
 
     #[test]
@@ -523,17 +681,19 @@ mod tests {
             CancelOutcome::Marked { .. }
         ));
         assert_eq!(
-            s.request_cancel(occ.generation(), CancelReason::HostAbort),
-            CancelOutcome::Skipped
-        );
-        assert_eq!(
             s.publish_registration(),
             Published::RunInline(CancelReason::ChannelFaulted)
         );
+        assert!(s.load(Ordering::Relaxed).callback_pending());
+        s.mark_started();
+        assert!(!s.load(Ordering::Relaxed).callback_pending());
         assert_eq!(s.publish_registration(), Published::AlreadyRegistered);
-        assert!(matches!(s.complete(), Completion::OwnerFrees { prev } if prev.is_registered()));
+        let Completion::OwnerFrees { prev } = s.complete() else {
+            panic!()
+        };
+        assert!(prev.is_registered());
         assert!(s.load(Ordering::Relaxed).is_finishing());
-        s.release();
+        finish(&s, prev);
     }
 
     #[test]
@@ -545,11 +705,14 @@ mod tests {
             s.request_cancel(g, CancelReason::HostAbort),
             CancelOutcome::Claimed { .. }
         ));
+        s.mark_started();
         assert_eq!(s.complete(), Completion::CancellerFrees);
         assert!(!s.load(Ordering::Relaxed).is_finishing());
-        assert_eq!(s.finish_cancel(), AfterCallback::CancellerFrees);
+        let AfterCallback::CancellerFrees { word } = s.finish_cancel() else {
+            panic!()
+        };
         assert!(s.load(Ordering::Relaxed).is_finishing());
-        s.release();
+        assert_eq!(s.release(word), Released::Quiet);
         // The other order: callback returns first, owner frees.
         let g = s.try_occupy().unwrap().generation();
         assert_eq!(s.publish_registration(), Published::Armed);
@@ -557,34 +720,67 @@ mod tests {
             s.request_cancel(g, CancelReason::HostAbort),
             CancelOutcome::Claimed { .. }
         ));
+        s.mark_started();
         assert_eq!(s.finish_cancel(), AfterCallback::OwnerFrees);
-        assert!(matches!(s.complete(), Completion::OwnerFrees { prev } if prev.is_registered()));
-        s.release();
+        let Completion::OwnerFrees { prev } = s.complete() else {
+            panic!()
+        };
+        finish(&s, prev);
+    }
+
+    #[test]
+    fn a_duty_request_reaches_the_freer() {
+        let s = CallState::new();
+        let g = s.try_occupy().unwrap().generation();
+        assert_eq!(s.request_duty(g), DutyRequest::NotFinishing);
+        let Completion::OwnerFrees { prev } = s.complete() else {
+            panic!()
+        };
+        assert_eq!(s.request_duty(g), DutyRequest::HandedOver);
+        assert_eq!(s.request_duty(g), DutyRequest::AlreadyAsked);
+        assert_eq!(s.release(prev.with_completed()), Released::Duty);
+        assert_eq!(s.request_duty(g), DutyRequest::NotFinishing);
+        let next = s.load(Ordering::Relaxed);
+        assert!(!next.has(DUTY) && !next.is_occupied());
     }
 
     #[test]
     fn stale_generation_and_completed_calls_are_skipped() {
         let s = CallState::new();
         let g = s.try_occupy().unwrap().generation();
-        assert!(matches!(s.complete(), Completion::OwnerFrees { .. }));
-        assert_eq!(
+        let Completion::OwnerFrees { prev } = s.complete() else {
+            panic!()
+        };
+        assert!(matches!(
             s.request_cancel(g, CancelReason::HostAbort),
-            CancelOutcome::Skipped
-        );
-        s.release();
+            CancelOutcome::Skipped { .. }
+        ));
+        finish(&s, prev);
         let g2 = s.try_occupy().unwrap().generation();
         assert_ne!(g, g2);
-        assert_eq!(
+        assert!(matches!(
             s.request_cancel(g, CancelReason::HostAbort),
-            CancelOutcome::Skipped
-        );
+            CancelOutcome::Skipped { .. }
+        ));
         assert_eq!(s.publish_registration(), Published::Armed);
-        assert!(matches!(s.complete(), Completion::OwnerFrees { prev } if prev.is_registered()));
-        assert_eq!(
+        let Completion::OwnerFrees { prev } = s.complete() else {
+            panic!()
+        };
+        assert!(matches!(
             s.request_cancel(g2, CancelReason::HostAbort),
-            CancelOutcome::Skipped
-        );
+            CancelOutcome::Skipped { .. }
+        ));
         assert_eq!(s.announce_waiter(g2, WAITER), None);
-        s.release();
+        finish(&s, prev);
+    }
+
+    #[test]
+    fn a_withdrawn_primary_waiter_frees_the_bit() {
+        let s = CallState::new();
+        let g = s.try_occupy().unwrap().generation();
+        assert!(!s.announce_waiter(g, WAITER).unwrap().has(WAITER));
+        assert!(s.announce_waiter(g, WAITER).unwrap().has(WAITER));
+        s.withdraw_waiter(g);
+        assert!(!s.announce_waiter(g, WAITER).unwrap().has(WAITER));
     }
 }

@@ -34,12 +34,12 @@
 //!   ([`dekker_fence`], a no-op in normal builds).
 
 #[cfg(not(loom))]
-pub(crate) use std::sync::atomic::{AtomicPtr, AtomicU8, AtomicUsize, Ordering};
+pub(crate) use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 #[cfg(not(loom))]
 pub(crate) use std::sync::{Condvar, Mutex, MutexGuard};
 
 #[cfg(loom)]
-pub(crate) use loom::sync::atomic::{AtomicPtr, AtomicU8, AtomicUsize, Ordering};
+pub(crate) use loom::sync::atomic::{AtomicPtr, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 #[cfg(loom)]
 pub(crate) use loom::sync::{Condvar, Mutex, MutexGuard};
 
@@ -56,171 +56,6 @@ pub(crate) use std::sync::{Arc, Weak};
 pub(crate) fn dekker_fence() {
     #[cfg(loom)]
     loom::sync::atomic::fence(Ordering::SeqCst);
-}
-
-/// The asymmetric Dekker fence pair of the R4 handshake (`begin_call` vs
-/// abort, fault and close), after folly's `asymmetricLightBarrier` /
-/// `asymmetricHeavyBarrier` and the `membarrier` crate.
-///
-/// `begin_call` on a slot leased to its thread (`registry.rs`) occupies it
-/// with a plain store and then re-reads the host and channel flags;
-/// abort/fault/close set their flag and then read the slots. Each side needs
-/// a full barrier between its write and its read. The light side (every
-/// call) is only a compiler fence; the heavy side (rare) makes the kernel run
-/// a barrier on every CPU that runs a thread of this process
-/// (`membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`, Linux 4.14+), which has
-/// the same effect as a fence in each of them at that point: either the
-/// sweeper then sees the occupied slot, or the call's re-check sees the
-/// flag.
-///
-/// Where membarrier is missing or refused (not Linux, a seccomp filter,
-/// `CALLCANCEL_MEMBARRIER=off`), [`leases_enabled`] is false, `begin_call`
-/// takes every slot with a `SeqCst` CAS (a full barrier of its own) and
-/// the heavy side is a plain `SeqCst` fence. Under loom and miri both sides
-/// are `fence(SeqCst)` (which both model) and leases stay on, so the models
-/// and miri run the leased path.
-pub(crate) mod asym {
-    #[cfg(not(any(loom, miri)))]
-    use std::sync::atomic::{AtomicU8, Ordering};
-
-    #[cfg(not(any(loom, miri)))]
-    const UNKNOWN: u8 = 0;
-    #[cfg(not(any(loom, miri)))]
-    const ON: u8 = 1;
-    #[cfg(not(any(loom, miri)))]
-    const OFF: u8 = 2;
-
-    /// Decided once per process by [`init`]; never changes afterwards.
-    #[cfg(not(any(loom, miri)))]
-    static STATUS: AtomicU8 = AtomicU8::new(UNKNOWN);
-
-    /// Decides (once) whether the heavy side can use membarrier. Called by
-    /// `ServiceHost::new`, so before any call of any host exists.
-    pub(crate) fn init() {
-        #[cfg(not(any(loom, miri)))]
-        if STATUS.load(Ordering::Acquire) == UNKNOWN {
-            let on = !disabled_by_env() && register();
-            // Ordering: Release, read with Acquire by `leases_enabled` and
-            // `heavy`. The first answer wins and never changes: racing
-            // initialisers may disagree (seccomp filters are per thread, the
-            // environment may change), and turning ON into OFF after leased
-            // calls began would leave them without a heavy side.
-            let _ = STATUS.compare_exchange(
-                UNKNOWN,
-                if on { ON } else { OFF },
-                Ordering::Release,
-                Ordering::Relaxed,
-            );
-        }
-    }
-
-    #[cfg(not(any(loom, miri)))]
-    fn disabled_by_env() -> bool {
-        std::env::var_os("CALLCANCEL_MEMBARRIER").is_some_and(|v| v == "off" || v == "0")
-    }
-
-    /// Registers the process for private expedited membarriers.
-    #[cfg(all(target_os = "linux", not(any(loom, miri))))]
-    fn register() -> bool {
-        const QUERY: libc::c_long = 0;
-        const PRIVATE_EXPEDITED: libc::c_long = 1 << 3;
-        const REGISTER_PRIVATE_EXPEDITED: libc::c_long = 1 << 4;
-        // SAFETY: membarrier takes (cmd, flags, cpu_id) integers, reads no
-        // memory of ours, and fails with -1/errno when unsupported.
-        let supported = unsafe { libc::syscall(libc::SYS_membarrier, QUERY, 0, 0) };
-        if supported < 0
-            || supported & PRIVATE_EXPEDITED == 0
-            || supported & REGISTER_PRIVATE_EXPEDITED == 0
-        {
-            return false;
-        }
-        // SAFETY: as above.
-        let registered =
-            unsafe { libc::syscall(libc::SYS_membarrier, REGISTER_PRIVATE_EXPEDITED, 0, 0) };
-        // One trial barrier, so a filter that allows registration but not
-        // the barrier itself turns leases off instead of failing later.
-        // SAFETY: as above.
-        registered == 0
-            && unsafe { libc::syscall(libc::SYS_membarrier, PRIVATE_EXPEDITED, 0, 0) } == 0
-    }
-
-    #[cfg(all(not(target_os = "linux"), not(any(loom, miri))))]
-    fn register() -> bool {
-        false
-    }
-
-    /// Whether `begin_call` may occupy a leased slot with a plain store.
-    #[inline]
-    pub(crate) fn leases_enabled() -> bool {
-        #[cfg(any(loom, miri))]
-        return true;
-        // Ordering: Relaxed is enough: `init` stored the answer before any
-        // host existed, and a caller holds a host, so it happens-after that
-        // store and cannot read UNKNOWN or an older value.
-        #[cfg(not(any(loom, miri)))]
-        return STATUS.load(Ordering::Relaxed) == ON;
-    }
-
-    /// The light side: between `begin_call`'s occupying store and its flag
-    /// re-check.
-    #[inline(always)]
-    pub(crate) fn light() {
-        #[cfg(any(loom, miri))]
-        super::fence_seqcst();
-        #[cfg(not(any(loom, miri)))]
-        core::sync::atomic::compiler_fence(Ordering::SeqCst);
-    }
-
-    /// The heavy side: between an abort's, fault's or close's flag write
-    /// and its reads of the slots.
-    pub(crate) fn heavy() {
-        // Mutant (ci/mutants.sh): no heavy side at all.
-        if cfg!(callcancel_mutant = "no_heavy_fence") {
-            return;
-        }
-        #[cfg(any(loom, miri))]
-        super::fence_seqcst();
-        #[cfg(not(any(loom, miri)))]
-        {
-            // Ordering: Acquire; `init` ran before any host existed, and we
-            // hold a host, so this reads the final answer.
-            if STATUS.load(Ordering::Acquire) == ON {
-                membarrier();
-            } else {
-                std::sync::atomic::fence(Ordering::SeqCst);
-            }
-        }
-    }
-
-    #[cfg(all(target_os = "linux", not(any(loom, miri))))]
-    fn membarrier() {
-        const PRIVATE_EXPEDITED: libc::c_long = 1 << 3;
-        // SAFETY: as in `register`.
-        let r = unsafe { libc::syscall(libc::SYS_membarrier, PRIVATE_EXPEDITED, 0, 0) };
-        // Registered and tried in `init`; the kernel documents no later
-        // failure (a stricter seccomp filter on this thread could still
-        // refuse it). Then leased calls could go unseen by the sweep that
-        // follows, and a caught panic would leave the flag set and the sweep
-        // undone: stop the process rather than lose a cancellation.
-        if r != 0 {
-            eprintln!("callcancel: membarrier failed after registration; aborting the process");
-            std::process::abort();
-        }
-    }
-
-    #[cfg(all(not(target_os = "linux"), not(any(loom, miri))))]
-    fn membarrier() {
-        unreachable!("leases are never enabled without membarrier")
-    }
-}
-
-#[cfg(any(loom, miri))]
-#[inline(always)]
-fn fence_seqcst() {
-    #[cfg(loom)]
-    loom::sync::atomic::fence(Ordering::SeqCst);
-    #[cfg(not(loom))]
-    std::sync::atomic::fence(Ordering::SeqCst);
 }
 
 /// Epoch-based reclamation (crossbeam-epoch), used by the host's channel
@@ -295,31 +130,6 @@ pub(crate) fn thread_shard(n: usize) -> usize {
     })
 }
 
-/// Sleeps on `cv` for at most `dur` (a short re-check pause, woken early by a
-/// notification). Under loom, whose condvar ignores timeouts, it yields
-/// instead so that a model can make progress.
-pub(crate) fn pause_briefly<'a, T>(
-    cv: &Condvar,
-    m: &'a Mutex<T>,
-    guard: MutexGuard<'a, T>,
-    dur: std::time::Duration,
-) -> MutexGuard<'a, T> {
-    #[cfg(loom)]
-    {
-        let _ = (cv, dur);
-        drop(guard);
-        loom::thread::yield_now();
-        lock(m)
-    }
-    #[cfg(not(loom))]
-    let _ = m;
-    #[cfg(not(loom))]
-    match cv.wait_timeout(guard, dur) {
-        Ok((g, _)) => g,
-        Err(poisoned) => poisoned.into_inner().0,
-    }
-}
-
 /// Backs off while another thread finishes a step of a few instructions.
 pub(crate) fn spin_wait(spins: u32) {
     #[cfg(loom)]
@@ -335,12 +145,4 @@ pub(crate) fn spin_wait(spins: u32) {
             std::thread::yield_now();
         }
     }
-}
-
-/// Lets a loom model schedule another thread before a busy re-poll (loom
-/// treats an unbounded re-poll as a spin loop); a no-op in normal builds.
-#[inline(always)]
-pub(crate) fn model_yield() {
-    #[cfg(loom)]
-    loom::thread::yield_now();
 }

@@ -112,8 +112,11 @@ fn abort_of_an_empty_host_returns() {
     assert!(host.wait_idle(std::time::Duration::ZERO));
 }
 
+/// A5 (v2): dropping the last handle of a host that is not closed aborts
+/// it (as `WsFreeServiceHost` does); a clone keeps it alive; a closed host's
+/// drop cancels nothing.
 #[test]
-fn dropping_every_host_handle_aborts_nothing() {
+fn dropping_the_last_host_handle_aborts_an_unclosed_host() {
     let host = ServiceHost::new();
     let ch = host.open_channel().unwrap();
     let ch_call = ch.begin_call().unwrap();
@@ -124,19 +127,22 @@ fn dropping_every_host_handle_aborts_nothing() {
     p2.register(&host_call).unwrap();
     let clone = host.clone();
     drop(host);
+    assert_eq!(p1.cancels(), 0, "a clone still holds the host");
     drop(clone);
-    assert_eq!(
-        p1.cancels(),
-        0,
-        "dropping the host handles must not cancel calls"
-    );
-    assert_eq!(p2.cancels(), 0);
-    assert!(!ch_call.is_cancelled());
-    assert!(!host_call.is_cancelled());
-    assert!(!ch.is_faulted());
-    assert_ne!(ch.begin_call().err(), Some(Error::HostAborted));
+    assert_eq!(p1.cancels(), 1, "the last handle aborted the host");
+    assert_eq!(p2.cancels(), 1);
+    assert_eq!(ch_call.cancel_reason(), Some(CancelReason::HostAbort));
+    assert_eq!(host_call.cancel_reason(), Some(CancelReason::HostAbort));
+    assert!(!ch.is_faulted(), "an abort does not fault channels");
+    assert_eq!(ch.begin_call().err(), Some(Error::HostAborted));
+    assert_eq!(ch.in_flight(), 1, "the channel still counts its call");
     ch_call.complete();
     host_call.complete();
-    assert_eq!((p1.cancels(), p1.frees()), (0, 1));
-    assert_eq!((p2.cancels(), p2.frees()), (0, 1));
+    assert_eq!((p1.cancels(), p1.frees()), (1, 1));
+    assert_eq!((p2.cancels(), p2.frees()), (1, 1));
+
+    // A closed host: its drop has nothing to abort.
+    let host = ServiceHost::new();
+    host.close(std::time::Duration::ZERO).unwrap();
+    drop(host);
 }

@@ -17,15 +17,13 @@ fn begin_call_vs_host_abort() {
     loom::model(|| begin_call_vs_host_abort_model(false));
 }
 
-/// One `begin_call` racing a host abort. With `leased`, this thread's
-/// earlier call has leased its slot, so the racing call takes the plain-store
-/// path.
-fn begin_call_vs_host_abort_model(leased: bool) {
+/// One `begin_call` racing a host abort. With `reuse`, this thread's
+/// earlier call released the slot the racing call takes again (the
+/// thread-hint path).
+fn begin_call_vs_host_abort_model(reuse: bool) {
     let host = ServiceHost::new();
     let channel = host.open_channel().unwrap();
-    if leased {
-        // The first call takes this thread's lease slot with a CAS and
-        // leases it; the racing one below takes it with a plain store.
+    if reuse {
         channel.begin_call().unwrap().complete();
     }
     let aborter = {
@@ -75,18 +73,17 @@ fn begin_call_vs_channel_fault() {
     });
 }
 
-/// The leased path: this thread's second call occupies its lease slot with a
-/// plain store (`CallState::occupy_leased`), so R4 rests on the asymmetric
-/// fence pair (`sync::asym`, a `SeqCst` fence on each side under loom).
+/// A reused slot: this thread's second call takes the slot its first call
+/// released.
 #[test]
-fn leased_begin_call_vs_host_abort() {
+fn reused_slot_begin_call_vs_host_abort() {
     loom::model(|| begin_call_vs_host_abort_model(true));
 }
 
-/// A close racing a leased `begin_call`: either the call is refused, or the
-/// close's idle census sees it and waits for its completion.
+/// A close racing a `begin_call` on a reused slot: either the call is
+/// refused, or the close's idle census sees it and waits for its completion.
 #[test]
-fn leased_begin_call_vs_close() {
+fn begin_call_vs_close() {
     use loom::sync::atomic::{AtomicBool, Ordering};
     use loom::sync::Arc;
     loom::model(|| {

@@ -16,7 +16,8 @@ pub fn code(reason: Option<CancelReason>) -> usize {
         None => 0,
         Some(CancelReason::HostAbort) => 1,
         Some(CancelReason::ChannelFaulted) => 2,
-        Some(_) => 3,
+        Some(CancelReason::CallCancelled) => 3,
+        Some(_) => 4,
     }
 }
 
@@ -26,6 +27,8 @@ pub fn decode(code: usize) -> Option<CancelReason> {
         0 => None,
         1 => Some(CancelReason::HostAbort),
         2 => Some(CancelReason::ChannelFaulted),
+        3 => Some(CancelReason::CallCancelled),
+        4 => Some(CancelReason::DeadlineExceeded),
         _ => unreachable!(),
     }
 }

@@ -18,6 +18,13 @@ pub enum CancelReason {
     HostAbort,
     /// The call's channel faulted (`WS_SERVICE_CHANNEL_FAULTED`).
     ChannelFaulted,
+    /// The call alone was cancelled: [`OperationContext::cancel`](crate::OperationContext::cancel)
+    /// or a [`Canceller`](crate::Canceller) (its client reset the stream, the
+    /// application gave up on it, or the call upstream of it was cancelled).
+    CallCancelled,
+    /// The call's deadline passed (a call begun with
+    /// `begin_call_with_deadline`).
+    DeadlineExceeded,
 }
 
 impl fmt::Display for CancelReason {
@@ -25,6 +32,8 @@ impl fmt::Display for CancelReason {
         f.write_str(match self {
             CancelReason::HostAbort => "host aborted",
             CancelReason::ChannelFaulted => "channel faulted",
+            CancelReason::CallCancelled => "call cancelled",
+            CancelReason::DeadlineExceeded => "deadline exceeded",
         })
     }
 }
@@ -74,6 +83,11 @@ pub enum Error {
     /// `close()` reached its deadline with calls still in flight; they were
     /// aborted (`WS_E_OPERATION_TIMED_OUT`).
     Timeout,
+    /// `close` was called from inside a cancel callback or free-state of a
+    /// call of the same host: that call cannot finish while its callback
+    /// waits for it, so `close` started the close (new work is refused) and
+    /// returned at once instead of waiting (A3).
+    WouldDeadlock,
 }
 
 impl fmt::Display for Error {
@@ -83,6 +97,9 @@ impl fmt::Display for Error {
             Error::HostClosed => "the service host is closing or closed",
             Error::ChannelFaulted => "the channel faulted",
             Error::Timeout => "timed out waiting for in-flight calls; they were aborted",
+            Error::WouldDeadlock => {
+                "close was called from a callback of a call of the same host; it did not wait"
+            }
         })
     }
 }

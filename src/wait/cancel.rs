@@ -1,22 +1,27 @@
-//! Waiting for a call's cancellation: the `cancelled()` future, the owned
-//! [`CancelWatch`] and its future.
+//! Layer 5 (async): waiting for a call's cancellation — the state shared by
+//! the `cancelled()` future and the owned [`CancelWatch`]'s future.
 //!
 //! # Protocol (register, then re-check)
 //!
-//! The first waiter of a call announces itself with the `WAITER` bit of the
-//! call's state word and parks its waker in the slot's `AtomicWaker` (the
-//! fast path: no lock, no allocation). Any further waiter of the same call
-//! parks in its channel's overflow list (a mutex-guarded `Vec`) *first* and
-//! then announces the `OVERFLOW` bit. A canceller's winning RMW returns the
-//! state it replaced; if that names `WAITER` it wakes the `AtomicWaker`, if it
-//! names `OVERFLOW` it wakes this slot's overflow entries. Either the
-//! announcing RMW sees `CANCELLED` (the waiter returns at once), or it comes
-//! first in the word's modification order and the canceller sees the bit:
-//! no wake-up is lost, and every waiter is woken.
+//! The first `cancelled()` future of a call (it borrows the call, so it can
+//! never outlive it) announces itself with the `WAITER` bit of the call's
+//! state word and parks its waker in the slot's `AtomicWaker` (the fast
+//! path: no lock, no allocation). Every other waiter — further `cancelled()`
+//! futures of the same call, and *every* [`CancelWatch`] future, which may
+//! be re-polled after its call completed and the slot serves another call —
+//! parks in its channel's overflow list (`store/overflow.rs`) *first* and
+//! then announces the `OVERFLOW` bit. A watch therefore never touches the
+//! slot's waker, and cannot overwrite a later call's primary waiter
+//! (issue 12 #1). A canceller's winning RMW returns the state it replaced;
+//! if that names `WAITER` it wakes the `AtomicWaker`, if it names `OVERFLOW`
+//! it wakes this slot's overflow entries. Either the announcing RMW sees
+//! `CANCELLED` (the waiter returns at once), or it comes first in the word's
+//! modification order and the canceller sees the bit: no wake-up is lost.
 //!
-//! A completing owner does the same for waiters still announced at
-//! completion (only [`CancelWatch`] futures can be: `cancelled()` borrows the
-//! call), so a watch future never outlives its call unwoken.
+//! A primary future dropped unwoken takes its waker back and clears
+//! `WAITER`, so the call's next future is primary again (issue 12 #7).
+//! A completing owner wakes the waiters still announced at completion (only
+//! watch futures can be), so a watch future never outlives its call unwoken.
 
 use core::fmt;
 use core::future::Future;
@@ -24,10 +29,10 @@ use core::pin::Pin;
 use core::ptr::NonNull;
 use core::task::{Context, Poll};
 
-use crate::channel::{ChannelShared, OverflowWaiter};
+use crate::engine::channel::{slot_key, ChannelShared};
 use crate::slot::CallSlot;
 use crate::state::{OVERFLOW, WAITER};
-use crate::sync::{lock, Arc, Ordering};
+use crate::sync::{Arc, Ordering};
 use crate::CancelReason;
 
 /// Which parking place a waiter uses.
@@ -36,8 +41,8 @@ enum Parked {
     Nowhere,
     /// Owns the slot's `AtomicWaker` (the `WAITER` bit).
     Primary,
-    /// Parked in the channel's overflow list under this id.
-    Overflow(u64),
+    /// Parked in the channel's overflow list.
+    Overflow,
 }
 
 /// What a waiter learned.
@@ -48,16 +53,30 @@ pub(crate) enum Woken {
     Finished,
 }
 
+/// Whether a waiter may use the slot's own waker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// A `cancelled()` future: borrows the call, may be primary.
+    Borrowing,
+    /// A watch future: may outlive the call, always overflow.
+    Watch,
+}
+
 /// The parking state of one waiter; shared by both futures.
 #[derive(Debug)]
 pub(crate) struct WaitState {
     parked: Parked,
+    /// Our id in the overflow list, once assigned.
+    id: Option<u64>,
+    role: Role,
 }
 
 impl WaitState {
-    pub(crate) const fn new() -> Self {
+    pub(crate) const fn new(role: Role) -> Self {
         Self {
             parked: Parked::Nowhere,
+            id: None,
+            role,
         }
     }
 
@@ -65,19 +84,22 @@ impl WaitState {
         &mut self,
         channel: &ChannelShared,
         slot: &CallSlot,
-        generation: usize,
+        generation: u64,
         cx: &mut Context<'_>,
     ) -> Poll<Woken> {
         // Ordering: Acquire, pairing with the AcqRel cancel RMW (the reason)
-        // and the Release `release` (the call finished).
+        // and the release swap (the call finished).
         let snap = slot.state.load(Ordering::Acquire);
-        if snap.generation() != generation || !snap.is_occupied() {
+        if !snap.is_live(generation) {
             return Poll::Ready(Woken::Finished);
         }
         if let Some(reason) = snap.reason() {
             return Poll::Ready(Woken::Cancelled(reason));
         }
-        if let Parked::Nowhere = self.parked {
+        // Mutant (ci/mutants.sh): let a watch take the slot's waker.
+        let may_be_primary =
+            self.role == Role::Borrowing || cfg!(callcancel_mutant = "watch_primary");
+        if let (Parked::Nowhere, true) = (self.parked, may_be_primary) {
             // Become the primary waiter if nobody is.
             match slot.state.announce_waiter(generation, WAITER) {
                 None => return Poll::Ready(Woken::Finished),
@@ -101,12 +123,15 @@ impl WaitState {
                 // Re-check after registering: a wake that found no waker
                 // happened-before this load (atomic-waker's contract).
                 Some(slot.state.load(Ordering::Acquire))
-                    .filter(|s| s.generation() == generation && !s.is_completed())
+                    .filter(|s| s.is_live(generation) && !s.is_completed())
             }
             _ => {
                 // Park first, then announce: a canceller that sees OVERFLOW
                 // finds our waker in the list.
-                self.park_overflow(channel, slot, cx);
+                channel
+                    .overflow
+                    .park(slot_key(slot), &mut self.id, cx.waker());
+                self.parked = Parked::Overflow;
                 slot.state.announce_waiter(generation, OVERFLOW)
             }
         };
@@ -119,37 +144,23 @@ impl WaitState {
         }
     }
 
-    fn park_overflow(&mut self, channel: &ChannelShared, slot: &CallSlot, cx: &mut Context<'_>) {
-        let target: *const CallSlot = slot;
-        let mut overflow = lock(&channel.overflow);
-        let id = match self.parked {
-            Parked::Overflow(id) => {
-                if let Some(w) = overflow.waiters.iter_mut().find(|w| w.id == id) {
-                    w.waker.clone_from(cx.waker());
-                    return;
+    /// Leaves the parking place (the future is dropped).
+    pub(crate) fn unpark(&mut self, channel: &ChannelShared, slot: &CallSlot, generation: u64) {
+        match self.parked {
+            Parked::Nowhere => {}
+            Parked::Overflow => {
+                if let Some(id) = self.id {
+                    channel.overflow.unpark(slot_key(slot), id);
                 }
-                // Woken and removed by a canceller: park again.
-                id
             }
-            _ => {
-                overflow.next_id += 1;
-                overflow.next_id
+            Parked::Primary => {
+                // Take our waker back first (dropped here, outside any lock),
+                // then free the bit: a later primary registers after that.
+                drop(slot.waker.take());
+                slot.state.withdraw_waiter(generation);
             }
-        };
-        overflow.waiters.push(OverflowWaiter {
-            slot: target,
-            id,
-            waker: cx.waker().clone(),
-        });
-        self.parked = Parked::Overflow(id);
-    }
-
-    /// Leaves the overflow list, if parked there.
-    pub(crate) fn unpark(&mut self, channel: &ChannelShared) {
-        if let Parked::Overflow(id) = self.parked {
-            lock(&channel.overflow).waiters.retain(|w| w.id != id);
-            self.parked = Parked::Nowhere;
         }
+        self.parked = Parked::Nowhere;
     }
 }
 
@@ -179,7 +190,7 @@ impl WaitState {
 pub struct CancelWatch {
     channel: Arc<ChannelShared>,
     slot: NonNull<CallSlot>,
-    generation: usize,
+    generation: u64,
 }
 
 // SAFETY: `slot` points into `channel`'s slab, kept alive by `channel`; the
@@ -193,7 +204,7 @@ impl CancelWatch {
     pub(crate) fn new(
         channel: Arc<ChannelShared>,
         slot: NonNull<CallSlot>,
-        generation: usize,
+        generation: u64,
     ) -> Self {
         Self {
             channel,
@@ -232,7 +243,7 @@ impl CancelWatch {
     pub fn cancelled(&self) -> WatchCancelled {
         WatchCancelled {
             watch: self.clone(),
-            wait: WaitState::new(),
+            wait: WaitState::new(Role::Watch),
         }
     }
 }
@@ -270,7 +281,8 @@ impl Future for WatchCancelled {
 
 impl Drop for WatchCancelled {
     fn drop(&mut self) {
-        self.wait.unpark(&self.watch.channel);
+        let w = &self.watch;
+        self.wait.unpark(&w.channel, w.slot(), w.generation);
     }
 }
 

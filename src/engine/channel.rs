@@ -1,0 +1,558 @@
+//! The channel engine: claim, sweep, cancel, run, free, release and dispose
+//! for the calls of one channel (or host shard).
+//!
+//! # Lifetime without a per-call reference count
+//!
+//! A call does not clone an `Arc` of its channel (two RMWs on a line shared
+//! by every call of the channel). Instead the channel holds a strong
+//! reference to itself, `keepalive`, on behalf of all its calls, and a count
+//! of `Channel` handles (plus one held by the host for a shard). Once there
+//! are no handles ("orphaned") *and* no occupied slot, [`ChannelShared::try_dispose`]
+//! drops the keepalive, exactly once (a swap). Who does it, on every
+//! interleaving (issue 12 #2):
+//!
+//! * the last handle's drop, if its scan finds every slot free;
+//! * a call's freer that saw the channel orphaned right after its deciding
+//!   `SeqCst` RMW (it takes a temporary `Arc` before its release);
+//! * a freer whose release swap finds the `DUTY` bit: a scan (by the last
+//!   handle's drop, or by a freer of another slot) found this slot in its
+//!   finishing phase, past its freer's check, and handed the freer a strong
+//!   reference with the bit (`CallState::request_duty`). The scanner's
+//!   handle decrement precedes its scan in the `SeqCst` order, so a slot it
+//!   saw *not yet* finishing has a freer that will see the orphan itself.
+//!
+//! A call's raw pointer to its channel is valid because the keepalive is
+//! only dropped when a scan sees every slot free, and a freer touches the
+//! channel after its release only through an `Arc` it took before (or was
+//! handed with `DUTY`).
+
+use core::ptr::{self, NonNull};
+
+use crate::slot::{CallSlot, Prepared};
+use crate::state::{
+    AfterCallback, CancelOutcome, Completion, DutyRequest, Published, Released, Snapshot, OVERFLOW,
+    WAITER,
+};
+use crate::store::host_core::{HostCore, UserCode};
+use crate::store::overflow::Overflow;
+use crate::store::slab::Slab;
+use crate::store::table::TableEntry;
+use crate::sync::{Arc, AtomicPtr, AtomicU8, AtomicUsize, Ordering};
+use crate::value::panic::{catch, FirstPanic, Panic};
+use crate::{CancelReason, Error, RegisterError, RegisterErrorKind};
+
+/// The shared state behind `Channel` handles and the calls on them.
+/// Host-scope calls use a few internal channels ("shards") that are never
+/// faulted. See the module docs for its lifetime.
+pub(crate) struct ChannelShared {
+    pub(crate) slab: Slab,
+    /// `Channel` handles (plus the host's, for a shard). Zero is final.
+    handles: AtomicUsize,
+    /// `Arc::into_raw` of this channel, held for its calls; null once
+    /// disposed.
+    keepalive: AtomicPtr<ChannelShared>,
+    /// `1` once faulted. Set by a `SeqCst` swap before the fault sweep; read
+    /// `SeqCst` by `begin`'s re-check (the R4 Dekker pair, `state.rs`).
+    faulted: AtomicU8,
+    pub(crate) host: Arc<HostCore>,
+    /// Secondary waiters of this channel's calls (slow path).
+    pub(crate) overflow: Overflow,
+    /// Where the host's table points at this channel; `None` for shards.
+    table: Option<TableEntry<ChannelShared>>,
+}
+
+impl ChannelShared {
+    /// A new channel with one handle (the caller's).
+    pub(crate) fn new(host: Arc<HostCore>, table: Option<TableEntry<ChannelShared>>) -> Arc<Self> {
+        let channel = Arc::new(Self {
+            slab: Slab::new(),
+            handles: AtomicUsize::new(1),
+            keepalive: AtomicPtr::new(ptr::null_mut()),
+            faulted: AtomicU8::new(0),
+            host,
+            overflow: Overflow::default(),
+            table,
+        });
+        let raw = Arc::into_raw(Arc::clone(&channel)).cast_mut();
+        // Ordering: Release; the handle returned here carries it to other
+        // threads, whose `self_ptr` loads then see the pointer.
+        channel.keepalive.store(raw, Ordering::Release);
+        channel
+    }
+
+    /// A new handle.
+    pub(crate) fn add_handle(&self) {
+        // Ordering: Relaxed, like `Arc::clone`: the caller holds a handle.
+        self.handles.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A handle went away; the last one disposes of the channel (now, or
+    /// through a freer it hands the duty to). The caller holds an `Arc`.
+    pub(crate) fn drop_handle(&self) {
+        // Ordering: SeqCst, pairing with the freer's `is_orphaned` load after
+        // its SeqCst RMW, and preceding our scan (module docs).
+        if self.handles.fetch_sub(1, Ordering::SeqCst) == 1 {
+            crate::sync::dekker_fence();
+            self.try_dispose();
+        }
+    }
+
+    /// Whether every handle is gone. Read by a freer right after its
+    /// deciding `SeqCst` RMW.
+    #[inline]
+    pub(crate) fn is_orphaned(&self) -> bool {
+        crate::sync::dekker_fence();
+        self.handles.load(Ordering::SeqCst) == 0
+    }
+
+    /// The keepalive pointer (the channel's `Arc` provenance), if not
+    /// disposed yet.
+    #[inline]
+    fn keepalive_ptr(&self) -> Option<NonNull<ChannelShared>> {
+        // Ordering: Acquire, pairing with the Release store in `new` (and
+        // ordered after the disposer's swap when it reads null).
+        NonNull::new(self.keepalive.load(Ordering::Acquire))
+    }
+
+    /// Drops the calls' keepalive reference if the channel is orphaned and no
+    /// call is in flight, or hands that duty to the freer of a call in its
+    /// finishing phase (module docs). The caller must hold a strong
+    /// reference of its own.
+    pub(crate) fn try_dispose(&self) {
+        if !self.is_orphaned() {
+            return;
+        }
+        'scan: loop {
+            let mut seen = None;
+            let found = self.slab.find_slot(|slot| {
+                // Ordering: SeqCst, after our handle decrement (module docs).
+                let s = slot.state.load(Ordering::SeqCst);
+                seen = Some(s);
+                s.is_occupied()
+            });
+            let (Some(slot), Some(s)) = (found, seen) else {
+                break;
+            };
+            if !s.is_finishing() {
+                // Its freer is still to decide, and will see the orphan.
+                return;
+            }
+            let Some(me) = self.keepalive_ptr() else {
+                return; // disposed by somebody else already
+            };
+            // SAFETY: the caller holds a strong reference, so the count is
+            // at least one; `me` has the `Arc`'s provenance. This reference
+            // is handed to the freer with the `DUTY` bit, or taken back.
+            unsafe { Arc::increment_strong_count(me.as_ptr()) };
+            match slot.state.request_duty(s.generation()) {
+                DutyRequest::HandedOver => return,
+                outcome => {
+                    // SAFETY: the reference we took above was not handed over.
+                    drop(unsafe { Arc::from_raw(me.as_ptr()) });
+                    if outcome == DutyRequest::AlreadyAsked {
+                        return; // that freer will dispose
+                    }
+                    continue 'scan; // released meanwhile: look again
+                }
+            }
+        }
+        // Ordering: AcqRel; the swap makes exactly one disposer own the
+        // reference, and orders every freer's release before the drop.
+        let raw = self.keepalive.swap(ptr::null_mut(), Ordering::AcqRel);
+        if !raw.is_null() {
+            // SAFETY: `raw` came from `Arc::into_raw` in `new`; the swap made
+            // us its only owner. The caller's own reference keeps `self`
+            // alive past this drop.
+            drop(unsafe { Arc::from_raw(raw) });
+        }
+    }
+
+    /// The channel's own address, with the provenance of its `Arc` (taken
+    /// from the keepalive), for calls to keep.
+    #[inline]
+    pub(crate) fn self_ptr(&self) -> NonNull<ChannelShared> {
+        // Ordering: Relaxed; written once in `new`, before any handle exists.
+        // A caller holds a handle or an occupied call, so the keepalive is
+        // not disposed yet.
+        NonNull::new(self.keepalive.load(Ordering::Relaxed))
+            .expect("a channel with a handle or a call keeps its keepalive")
+    }
+
+    /// A temporary strong reference for a call's freer, who must look at the
+    /// channel after releasing its slot.
+    ///
+    /// # Safety
+    /// `this` is the keepalive pointer and the keepalive is held (a call
+    /// still occupies its slot, or the caller holds a strong reference).
+    pub(crate) unsafe fn hold(this: *const Self) -> Arc<Self> {
+        // SAFETY: per the contract the strong count is at least one and
+        // `this` came from `Arc::into_raw`.
+        unsafe {
+            Arc::increment_strong_count(this);
+            Arc::from_raw(this)
+        }
+    }
+
+    pub(crate) fn publish_in_table(self: &Arc<Self>) {
+        if let Some(entry) = &self.table {
+            entry.publish(self);
+        }
+    }
+
+    /// Whether the keepalive was dropped (no handle and no call left).
+    pub(crate) fn is_disposed(&self) -> bool {
+        self.keepalive_ptr().is_none()
+    }
+
+    pub(crate) fn is_faulted(&self) -> bool {
+        // Ordering: Acquire pairs with the SeqCst swap in `fault`.
+        self.faulted.load(Ordering::Acquire) != 0
+    }
+
+    #[inline]
+    fn check(&self, order: Ordering) -> Result<(), Error> {
+        self.host.check_accepting(order)?;
+        if self.faulted.load(order) != 0 {
+            return Err(Error::ChannelFaulted);
+        }
+        Ok(())
+    }
+
+    /// Begins a call: claims a slot (a `SeqCst` CAS), then re-checks the
+    /// host and channel flags (R4: decided here).
+    #[inline]
+    pub(crate) fn begin(&self) -> Result<NonNull<CallSlot>, Error> {
+        // Cheap early refusal; the SeqCst re-check below is what R4 relies on.
+        if let Err(e) = self.check(Ordering::Acquire) {
+            self.host.count_refused();
+            return Err(e);
+        }
+        let slot = self.slab.claim();
+        // Ordering: the R4 Dekker pair with abort/fault/close (state.rs):
+        // our SeqCst claim, then the SeqCst re-check; their SeqCst flag RMW,
+        // then their SeqCst loads of the slots. Either we see their flag or
+        // they see our slot.
+        // Mutant (ci/mutants.sh): skip the re-check.
+        if cfg!(callcancel_mutant = "no_recheck") {
+            return Ok(slot);
+        }
+        crate::sync::dekker_fence();
+        if let Err(e) = self.check(Ordering::SeqCst) {
+            self.refuse(slot);
+            return Err(e);
+        }
+        Ok(slot)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn refuse(&self, slot: NonNull<CallSlot>) {
+        self.host.count_refused();
+        // SAFETY: we occupy `slot` (just claimed) and it is ours to finish.
+        let slot = unsafe { slot.as_ref() };
+        // Nothing registered, nobody parked: no user code runs.
+        drop(self.complete(slot));
+    }
+
+    /// Marks the channel faulted and cancels its calls with `ChannelFaulted`
+    /// (A1 for every caller: see [`ChannelShared::sweep`]).
+    pub(crate) fn fault(&self) {
+        // Ordering: SeqCst, first half of the R4 Dekker pair.
+        self.faulted.swap(1, Ordering::SeqCst);
+        crate::sync::dekker_fence();
+        let mut panics = FirstPanic::default();
+        self.sweep(CancelReason::ChannelFaulted, &mut panics);
+        panics.resume();
+    }
+
+    /// Cancels every in-flight call of this channel with `reason`. When it
+    /// returns, every registered call that was in flight when it started
+    /// has had its callback invoked — by this thread, or by the thread that
+    /// decided first, whose `mark_started` it waits for (A1, issue 12 #3).
+    /// The caller holds a strong reference.
+    pub(crate) fn sweep(&self, reason: CancelReason, panics: &mut FirstPanic) {
+        self.slab.for_each_slot(|slot| {
+            // Ordering: SeqCst, second half of the R4 Dekker pair.
+            let snap = slot.state.load(Ordering::SeqCst);
+            if !snap.is_occupied() {
+                return;
+            }
+            let gen = snap.generation();
+            let now = if snap.is_cancelled() || snap.is_completed() {
+                snap
+            } else {
+                match self.cancel_slot(slot, gen, reason, panics) {
+                    Ok(()) => return,
+                    Err(now) => now,
+                }
+            };
+            if now.callback_pending() {
+                slot.state.wait_started(gen);
+            }
+        });
+    }
+
+    /// Cancels generation `gen` of `slot` alone with `reason`: decide, run
+    /// the callback if we claimed it, wake the waiters, and free if the
+    /// owner completed meanwhile. `Err(now)` if somebody decided first (or
+    /// the call is gone). The channel must stay alive until this returns:
+    /// the caller holds a strong reference or borrows the call.
+    pub(crate) fn cancel_slot(
+        &self,
+        slot: &CallSlot,
+        gen: u64,
+        reason: CancelReason,
+        panics: &mut FirstPanic,
+    ) -> Result<(), Snapshot> {
+        match slot.state.request_cancel(gen, reason) {
+            CancelOutcome::Skipped { now } => Err(now),
+            CancelOutcome::Marked { wake } => {
+                self.host.count_cancel(reason);
+                panics.record(self.wake_waiters(slot, wake));
+                Ok(())
+            }
+            CancelOutcome::Claimed { wake } => {
+                self.host.count_cancel(reason);
+                {
+                    let _user = UserCode::enter(&self.host);
+                    // SAFETY: `request_cancel` returned `Claimed`: this thread
+                    // alone may run the callback until `finish_cancel`.
+                    panics.record(unsafe { slot.run_callback(reason) });
+                }
+                // Before `finish_cancel`: the slot cannot be released (and
+                // reused) while we still wake its waiters.
+                panics.record(self.wake_waiters(slot, wake));
+                if let AfterCallback::CancellerFrees { word } = slot.state.finish_cancel() {
+                    // Right after the freer-deciding SeqCst RMW.
+                    let after = self.after_release_duties();
+                    panics.record(self.free(slot, true));
+                    panics.record(self.release(slot, word, after));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// `OperationContext::cancel` and `Canceller::cancel`: cancels one call
+    /// with `CallCancelled`. True if this request decided it.
+    pub(crate) fn cancel_call(&self, slot: &CallSlot, gen: u64) -> bool {
+        let mut panics = FirstPanic::default();
+        let decided = self
+            .cancel_slot(slot, gen, CancelReason::CallCancelled, &mut panics)
+            .is_ok();
+        panics.resume();
+        decided
+    }
+
+    /// The registration protocol (`WsRegisterOperationForCancel`): win the
+    /// one registration, store it, and run it inline if cancellation was
+    /// decided first (R2, R4).
+    pub(crate) fn register<S, C, F>(
+        &self,
+        slot: &CallSlot,
+        state: S,
+        on_cancel: C,
+        on_free: F,
+    ) -> Result<(), RegisterError<S>>
+    where
+        S: Send + 'static,
+        C: FnOnce(CancelReason, &S) + Send + 'static,
+        F: FnOnce(S) + Send + 'static,
+    {
+        let prepared = Prepared::new(state, on_cancel, on_free);
+        let published = slot.state.publish_registration();
+        if let Published::AlreadyRegistered = published {
+            return Err(RegisterError::new(
+                RegisterErrorKind::AlreadyRegistered,
+                prepared.into_state(),
+            ));
+        }
+        // SAFETY: `publish_registration` made us the registrar of this
+        // generation and we have not stored yet.
+        unsafe { slot.store_registration(prepared) };
+        if let Published::RunInline(reason) = published {
+            let _user = UserCode::enter(&self.host);
+            // SAFETY: `RunInline`: no canceller claimed this callback, and
+            // the owner cannot complete while the caller borrows the call.
+            if let Some(panic) = unsafe { slot.run_callback(reason) } {
+                std::panic::resume_unwind(panic);
+            }
+        }
+        Ok(())
+    }
+
+    /// The owner completes the call in `slot` (its `Call` drops). Returns the
+    /// first panic of user code run here (free-state, wakers).
+    #[must_use]
+    pub(crate) fn complete(&self, slot: &CallSlot) -> Option<Panic> {
+        let Completion::OwnerFrees { prev } = slot.state.complete() else {
+            // A canceller's callback still runs: it frees and releases.
+            return None;
+        };
+        // Right after the freer-deciding SeqCst RMW.
+        let after = self.after_release_duties();
+        let mut panics = FirstPanic::default();
+        // Watches still parked learn that the call finished.
+        panics.record(self.wake_waiters(slot, prev));
+        if prev.is_registered() {
+            panics.record(self.free(slot, prev.is_cancelled()));
+        }
+        self.slab.note_released(slot);
+        panics.record(self.release(slot, prev.with_completed(), after));
+        panics.into_inner()
+    }
+
+    /// Runs a registration's free-state (the caller is the freer).
+    fn free(&self, slot: &CallSlot, cancel_ran: bool) -> Option<Panic> {
+        let _user = UserCode::enter(&self.host);
+        // SAFETY: the caller's `complete` returned `OwnerFrees` for a
+        // registered call, or its `finish_cancel` returned `CancellerFrees`.
+        unsafe { slot.free_registration(cancel_ran) }
+    }
+
+    /// Wakes the waiters of a slot whose cancellation (or completion) we just
+    /// decided; `seen` is the state our winning RMW replaced (`wait/`).
+    /// A waker whose `wake` panics is caught; the first panic is returned.
+    #[must_use]
+    #[inline]
+    pub(crate) fn wake_waiters(&self, slot: &CallSlot, seen: Snapshot) -> Option<Panic> {
+        if seen.has(WAITER) || seen.has(OVERFLOW) {
+            self.wake_waiters_slow(slot, seen)
+        } else {
+            None
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn wake_waiters_slow(&self, slot: &CallSlot, seen: Snapshot) -> Option<Panic> {
+        let mut first = FirstPanic::default();
+        if seen.has(WAITER) {
+            first.record(catch(|| slot.waker.wake()));
+        }
+        if seen.has(OVERFLOW) {
+            // Taken under the lock, woken outside it.
+            for (_, waker) in self.overflow.take(slot_key(slot)) {
+                first.record(catch(|| waker.wake()));
+            }
+        }
+        first.into_inner()
+    }
+
+    /// What a freer must do after its release; read right after its
+    /// deciding `SeqCst` RMW (the Dekker pairs with idle waiters and with the
+    /// last handle's drop).
+    #[inline]
+    fn after_release_duties(&self) -> bool {
+        self.host.idle_watched() || self.is_orphaned()
+    }
+
+    /// Hands a finished slot back (`word`: the word as the freer knows it)
+    /// and runs the release duties the freer saw (`duties`) or was handed
+    /// (`DUTY`). Touches the channel after the release only through an `Arc`.
+    #[must_use]
+    #[inline]
+    fn release(&self, slot: &CallSlot, word: Snapshot, duties: bool) -> Option<Panic> {
+        if !duties {
+            let me = self.keepalive.load(Ordering::Relaxed);
+            return match slot.state.release(word) {
+                Released::Quiet => None,
+                // SAFETY: the `DUTY` setter handed us a strong reference
+                // counted on the keepalive pointer (`try_dispose`,
+                // `census_for_wait`).
+                Released::Duty => Self::run_duties(unsafe { Arc::from_raw(me) }),
+            };
+        }
+        self.release_with_duties(slot, word)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn release_with_duties(&self, slot: &CallSlot, word: Snapshot) -> Option<Panic> {
+        // SAFETY: we still occupy the slot, so the keepalive is held.
+        let held = unsafe { Self::hold(self.self_ptr().as_ptr()) };
+        let handed = match slot.state.release(word) {
+            Released::Quiet => None,
+            // SAFETY: as in `release`.
+            Released::Duty => Some(unsafe { Arc::from_raw(Arc::as_ptr(&held)) }),
+        };
+        drop(handed);
+        Self::run_duties(held)
+    }
+
+    /// The release duties: wake idle waiters, dispose of an orphaned
+    /// channel. Runs on a strong reference.
+    #[cold]
+    fn run_duties(this: Arc<Self>) -> Option<Panic> {
+        let panic = if this.host.idle_watched() {
+            this.host.notify_idle()
+        } else {
+            None
+        };
+        if this.is_orphaned() {
+            this.try_dispose();
+        }
+        panic
+    }
+
+    /// Calls in flight (occupied slots): a snapshot.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.slab.census().occupied
+    }
+
+    /// The census of an announced idle waiter: counts the occupied slots,
+    /// and asks the freer of every slot in its finishing phase to notify
+    /// (`DUTY`), since that freer may have looked before the waiter came.
+    /// The caller holds a strong reference.
+    pub(crate) fn census_for_wait(&self) -> usize {
+        let mut busy = 0;
+        self.slab.for_each_slot(|slot| loop {
+            // Ordering: SeqCst, the waiter side of the idle Dekker pair.
+            let s = slot.state.load(Ordering::SeqCst);
+            if !s.is_occupied() {
+                return;
+            }
+            if !s.is_finishing() {
+                busy += 1; // its freer decides later and sees the waiter
+                return;
+            }
+            let Some(me) = self.keepalive_ptr() else {
+                busy += 1;
+                return;
+            };
+            // SAFETY: the caller holds a strong reference; handed over with
+            // `DUTY` or taken back below.
+            unsafe { Arc::increment_strong_count(me.as_ptr()) };
+            match slot.state.request_duty(s.generation()) {
+                DutyRequest::HandedOver => {
+                    busy += 1;
+                    return;
+                }
+                outcome => {
+                    // SAFETY: not handed over: ours to drop.
+                    drop(unsafe { Arc::from_raw(me.as_ptr()) });
+                    if outcome == DutyRequest::AlreadyAsked {
+                        busy += 1;
+                        return;
+                    }
+                    // Released meanwhile: look at the slot again.
+                }
+            }
+        });
+        busy
+    }
+}
+
+/// The key of a slot in the overflow lists.
+#[inline]
+pub(crate) fn slot_key(slot: &CallSlot) -> usize {
+    ptr::from_ref(slot) as usize
+}
+
+impl Drop for ChannelShared {
+    fn drop(&mut self) {
+        if let Some(entry) = &self.table {
+            entry.retire();
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! Layer 3: the host's table of channels, generic over what it holds.
+//!
+//! The host reaches its channels through an `ArcSwap` snapshot of a list of
+//! fixed-size chunks; each chunk entry is an atomic pointer holding a
+//! `Weak<T>` turned raw. Opening a channel CASes an empty entry;
+//! only appending a chunk (every `CHUNK` channels) replaces the snapshot.
+//! Dropping a channel (its last handle and last call gone) clears its entry
+//! and hands the table's weak reference to **crossbeam-epoch** (`defer`):
+//! a sweeper that loaded the raw pointer inside a pinned epoch may still
+//! `upgrade` it, because the weak count it relies on is released only after
+//! every such pin has ended.
+//!
+//! A sweeper therefore does `pin → load entry → upgrade → unpin` and only
+//! then sweeps the channel while holding a strong `Arc`. No pin is ever held
+//! while user code runs: a cancel callback that blocks for an hour stalls
+//! neither epoch reclamation nor other sweeps. Callback storage itself lives
+//! in the slot, whose memory is kept alive by that `Arc`; which thread may
+//! touch it is decided by the state word (`state.rs`).
+
+use core::mem::ManuallyDrop;
+use core::ptr::{self, NonNull};
+
+use crate::sync::{epoch, Arc, ArcSwap, AtomicPtr, AtomicUsize, Ordering, Weak};
+
+/// Entries per table chunk.
+#[cfg(not(loom))]
+const CHUNK: usize = 64;
+#[cfg(loom)]
+const CHUNK: usize = 2;
+
+/// A fixed block of channel-table entries. Each entry is null, [`reserved`],
+/// or a `Weak<T>` made raw by `Weak::into_raw`.
+pub(crate) struct TableChunk<T> {
+    entries: [AtomicPtr<T>; CHUNK],
+}
+
+/// Marks an entry taken by an `open_channel` that has not stored its channel
+/// yet. Never dereferenced.
+fn reserved<T>() -> *mut T {
+    NonNull::<T>::dangling().as_ptr()
+}
+
+impl<T> TableChunk<T> {
+    fn new() -> Self {
+        Self {
+            entries: core::array::from_fn(|_| AtomicPtr::new(ptr::null_mut())),
+        }
+    }
+}
+
+/// Where a channel sits in the host's table; dropping the channel clears it.
+pub(crate) struct TableEntry<T: Send + Sync + 'static> {
+    chunk: Arc<TableChunk<T>>,
+    index: usize,
+}
+
+impl<T: Send + Sync + 'static> TableEntry<T> {
+    /// Stores the channel's weak reference in its reserved entry.
+    pub(crate) fn publish(&self, channel: &Arc<T>) {
+        let raw = Weak::into_raw(Arc::downgrade(channel)).cast_mut();
+        // Ordering: SeqCst. Its release part lets a sweeper's load see an
+        // initialised pointer; as a SeqCst write it precedes `open_channel`'s
+        // SeqCst re-check of the host state, so a sweep that follows an abort
+        // in the SeqCst order finds every channel opened before it (R4).
+        let prev = self.chunk.entries[self.index].swap(raw, Ordering::SeqCst);
+        debug_assert_eq!(prev, reserved::<T>());
+    }
+
+    /// Clears the entry and retires the table's weak reference through the
+    /// epoch (see the module docs). Called when the stored value drops.
+    pub(crate) fn retire(&self) {
+        let raw = self.chunk.entries[self.index].swap(ptr::null_mut(), Ordering::AcqRel);
+        if raw.is_null() || raw == reserved::<T>() {
+            return;
+        }
+        // SAFETY: `raw` came from `Weak::into_raw` in `publish`, and the swap
+        // above removed it from the table, so this is its only owner.
+        let weak = unsafe { Weak::from_raw(raw) };
+        let guard = epoch::pin();
+        // Sweepers that loaded `raw` before the swap are pinned; the weak
+        // count (which keeps the allocation alive for their `upgrade`) is
+        // dropped only once they have all unpinned.
+        guard.defer(move || drop(weak));
+    }
+}
+
+/// The host's table of channels. See the module docs.
+pub(crate) struct ChannelTable<T> {
+    chunks: ArcSwap<Vec<Arc<TableChunk<T>>>>,
+    /// The chunk where the last reservation succeeded: the next scan starts
+    /// there (and wraps), so opening many channels stays linear overall.
+    cursor: AtomicUsize,
+}
+
+impl<T: Send + Sync + 'static> ChannelTable<T> {
+    pub(crate) fn new() -> Self {
+        Self {
+            chunks: ArcSwap::from_pointee(Vec::new()),
+            cursor: AtomicUsize::new(0),
+        }
+    }
+
+    /// Reserves an entry for a new channel.
+    pub(crate) fn reserve(&self) -> TableEntry<T> {
+        loop {
+            let chunks = self.chunks.load_full();
+            let n = chunks.len();
+            // Ordering: Relaxed; the cursor is only where to start looking.
+            let start = self.cursor.load(Ordering::Relaxed).min(n);
+            for pos in (start..n).chain(0..start) {
+                let chunk = &chunks[pos];
+                for (index, entry) in chunk.entries.iter().enumerate() {
+                    // Ordering: the Relaxed load only skips taken entries;
+                    // the CAS decides (AcqRel: ordered after the retire that
+                    // emptied the entry, before our publish).
+                    if entry.load(Ordering::Relaxed).is_null()
+                        && entry
+                            .compare_exchange(
+                                ptr::null_mut(),
+                                reserved::<T>(),
+                                Ordering::AcqRel,
+                                Ordering::Relaxed,
+                            )
+                            .is_ok()
+                    {
+                        if pos != start {
+                            self.cursor.store(pos, Ordering::Relaxed);
+                        }
+                        return TableEntry {
+                            chunk: Arc::clone(chunk),
+                            index,
+                        };
+                    }
+                }
+            }
+            // Every entry is taken: append a chunk unless somebody did.
+            let seen = chunks.len();
+            self.chunks.rcu(|cur| {
+                let mut next = Vec::clone(cur);
+                if next.len() == seen {
+                    next.push(Arc::new(TableChunk::new()));
+                }
+                next
+            });
+            self.cursor.store(seen, Ordering::Relaxed);
+        }
+    }
+
+    /// Calls `f` with every live channel, holding a strong reference and no
+    /// epoch pin while `f` runs.
+    pub(crate) fn for_each(&self, mut f: impl FnMut(&Arc<T>)) {
+        let chunks = self.chunks.load_full();
+        for chunk in chunks.iter() {
+            for entry in chunk.entries.iter() {
+                let channel = {
+                    let _guard = epoch::pin();
+                    // Ordering: SeqCst, pairing with `publish` (see there).
+                    let raw = entry.load(Ordering::SeqCst);
+                    if raw.is_null() || raw == reserved::<T>() {
+                        continue;
+                    }
+                    // SAFETY: `raw` came from `Weak::into_raw` in `publish`.
+                    // The table's weak reference it stands for is released
+                    // only through `guard.defer` in `retire`, after this pin
+                    // ends, so the allocation is live; `ManuallyDrop` keeps us
+                    // from releasing a weak count we do not own.
+                    let weak = ManuallyDrop::new(unsafe { Weak::from_raw(raw) });
+                    weak.upgrade()
+                };
+                if let Some(channel) = channel {
+                    f(&channel);
+                }
+            }
+        }
+    }
+}

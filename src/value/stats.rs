@@ -1,0 +1,58 @@
+//! [`HostStats`]: a snapshot of a host's counters.
+
+use crate::CancelReason;
+
+/// A snapshot of a [`ServiceHost`](crate::ServiceHost)'s counters, from
+/// [`ServiceHost::stats`](crate::ServiceHost::stats).
+///
+/// Counters are monotone and counted off the hot path (a begin, register and
+/// complete that nobody cancels touches none of them). A snapshot taken
+/// while a sweep runs may include some of the sweep's cancellations and not
+/// others; each counter never goes down between two snapshots.
+///
+/// ```
+/// use callcancel::{CancelReason, ServiceHost};
+/// let host = ServiceHost::new();
+/// let call = host.begin_call().unwrap();
+/// assert!(call.cancel());
+/// let stats = host.stats();
+/// assert_eq!(stats.cancelled(CancelReason::CallCancelled), 1);
+/// assert_eq!(stats.in_flight, 1);
+/// drop(call);
+/// host.abort();
+/// assert!(host.begin_call().is_err());
+/// assert_eq!(host.stats().refused, 1);
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HostStats {
+    /// Calls in flight when the snapshot was taken (as
+    /// [`ServiceHost::in_flight`](crate::ServiceHost::in_flight)).
+    pub in_flight: usize,
+    /// `begin_call`s and `open_channel`s turned away (host aborted, closing
+    /// or closed; channel faulted).
+    pub refused: u64,
+    /// Channels not yet disposed of: open ones, and ones whose handles are
+    /// gone but whose calls are still finishing (host-scope shards are not
+    /// counted). Returns to zero once every channel was dropped and its
+    /// calls completed.
+    pub channels: usize,
+    pub(crate) cancelled: [u64; 4],
+}
+
+impl HostStats {
+    /// Calls cancelled with `reason`, counted when the cancellation was
+    /// decided (whether or not the call had registered a callback).
+    pub fn cancelled(&self, reason: CancelReason) -> u64 {
+        self.cancelled[reason_index(reason)]
+    }
+}
+
+/// The index of `reason` in per-reason arrays.
+pub(crate) fn reason_index(reason: CancelReason) -> usize {
+    match reason {
+        CancelReason::HostAbort => 0,
+        CancelReason::ChannelFaulted => 1,
+        CancelReason::CallCancelled => 2,
+        CancelReason::DeadlineExceeded => 3,
+    }
+}
