@@ -18,13 +18,17 @@
 //!   not around each. `callcancel_fault_idle`: `fault()` of a channel with no
 //!   call in flight (target <= 150 ns); `tokio_util_cancel_idle`: `cancel()`
 //!   of a child token with no child and no waiter, the same act for it.
-//!   The v2 per-call `cancel()` case is added when the core has it.
+//!   `callcancel_cancel_registered`: `OperationContext::cancel()` (v2) of a
+//!   call with a registered cancel closure, which runs inside it (target
+//!   <= 150 ns); `tokio_util_cancel_waiter`: `cancel()` of a child token
+//!   whose `cancelled_owned()` future was polled once (one waiter). The
+//!   calls are completed, and tokens and futures dropped, after the timing.
 //! * `w2_fault_2threads`: aggregate fault throughput, 2 threads vs 1, on
 //!   different channels of one host (no busy sibling). `iter_custom`: one
 //!   iteration is a round in which each faulting thread opens `B` channels
-//!   (untimed), waits at a barrier with the timing thread, faults its `B`
-//!   channels, waits at the barrier again; the timing thread's clock runs
-//!   between the two barriers. Throughput is `B` elements, so the per-element
+//!   (untimed), waits at a spinning barrier, faults its `B` channels, waits
+//!   at the barrier again; the clock of the bench's own thread (one of the
+//!   faulting threads) runs from the first barrier to the second. Throughput is `B` elements, so the per-element
 //!   time is per fault per thread; throughput of 2 over 1 = 2·t1 / t2
 //!   (target >= 1.8). tokio-util peers: `cancel()` of child tokens of one
 //!   root, the same way.
@@ -33,8 +37,10 @@
 
 mod common;
 
+use std::future::Future;
 use std::hint::black_box;
-use std::sync::Barrier;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Waker};
 use std::time::{Duration, Instant};
 
 use callcancel::{Channel, ServiceHost};
@@ -43,7 +49,7 @@ use tokio_util::sync::CancellationToken;
 
 const KS: [u64; 3] = [1, 10, 100];
 /// Faults per thread per round of `w2_fault_2threads`.
-const B: usize = 512;
+const B: usize = 1024;
 /// Inputs per timed batch of `w2_fault` (one clock read per 64 operations).
 const BATCH: u64 = 64;
 
@@ -118,47 +124,119 @@ fn w2_fault(c: &mut Criterion) {
             BatchSize::NumIterations(BATCH),
         )
     });
+    // v2: per-call cancel of one registered call (its callback runs inside
+    // `cancel()`), vs tokio-util `cancel()` of a child token whose
+    // `cancelled()` future was polled once (one waiter to wake).
+    let channel = host.open_channel().unwrap();
+    g.bench_function("callcancel_cancel_registered", |b| {
+        b.iter_batched(
+            || common::registered(|| channel.begin_call(), 7),
+            |call| {
+                assert!(call.cancel());
+                call
+            },
+            BatchSize::NumIterations(BATCH),
+        )
+    });
+    g.bench_function("tokio_util_cancel_waiter", |b| {
+        b.iter_batched(
+            || {
+                let token = root.child_token();
+                let mut waiter = Box::pin(token.clone().cancelled_owned());
+                let mut cx = Context::from_waker(Waker::noop());
+                assert!(waiter.as_mut().poll(&mut cx).is_pending());
+                (token, waiter)
+            },
+            |input| {
+                input.0.cancel();
+                input
+            },
+            BatchSize::NumIterations(BATCH),
+        )
+    });
     g.finish();
 }
 
-/// `iters` rounds of `threads` threads each doing `B` operations on inputs
-/// they made themselves before the round's start barrier; the clock runs
-/// from the start barrier to the end barrier.
+/// A barrier that spins (yielding after a while): waking a thread parked
+/// in `std::sync::Barrier` takes microseconds, as long as a whole round of
+/// fast faults, and would be timed.
+struct SpinBarrier {
+    parties: usize,
+    arrived: AtomicUsize,
+    generation: AtomicUsize,
+}
+
+impl SpinBarrier {
+    fn new(parties: usize) -> Self {
+        SpinBarrier {
+            parties,
+            arrived: AtomicUsize::new(0),
+            generation: AtomicUsize::new(0),
+        }
+    }
+
+    fn wait(&self) {
+        let generation = self.generation.load(Ordering::Acquire);
+        if self.arrived.fetch_add(1, Ordering::AcqRel) + 1 == self.parties {
+            self.arrived.store(0, Ordering::Relaxed);
+            self.generation.fetch_add(1, Ordering::Release);
+            return;
+        }
+        let mut spins = 0u32;
+        while self.generation.load(Ordering::Acquire) == generation {
+            spins += 1;
+            if spins < 1 << 14 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+    }
+}
+
+/// `iters` rounds of `threads` threads (the calling thread and
+/// `threads - 1` spawned ones) each doing `B` operations on inputs it made
+/// itself before the round's start barrier. The time is the calling thread's,
+/// from leaving the start barrier to leaving the end barrier (which waits
+/// for every thread), summed over the rounds.
 fn rounds<I>(
     iters: u64,
     threads: usize,
     make: impl Fn() -> I + Sync,
     op: impl Fn(&I) + Sync,
 ) -> Duration {
-    let barrier = Barrier::new(threads + 1);
-    let mut elapsed = Duration::ZERO;
-    std::thread::scope(|s| {
-        for _ in 0..threads {
-            s.spawn(|| {
-                for _ in 0..iters {
-                    let inputs: Vec<I> = (0..B).map(|_| make()).collect();
-                    barrier.wait();
-                    for input in &inputs {
-                        op(input);
-                    }
-                    barrier.wait();
-                    drop(inputs);
-                }
-            });
-        }
+    let barrier = SpinBarrier::new(threads);
+    let round = |timed: bool| {
+        let mut elapsed = Duration::ZERO;
         for _ in 0..iters {
+            let inputs: Vec<I> = (0..B).map(|_| make()).collect();
             barrier.wait();
             let t0 = Instant::now();
+            for input in &inputs {
+                op(input);
+            }
             barrier.wait();
-            elapsed += t0.elapsed();
+            if timed {
+                elapsed += t0.elapsed();
+            }
+            drop(inputs);
         }
-    });
-    elapsed
+        elapsed
+    };
+    std::thread::scope(|s| {
+        for _ in 1..threads {
+            s.spawn(|| round(false));
+        }
+        round(true)
+    })
 }
 
 fn w2_fault_2threads(c: &mut Criterion) {
     let mut g = c.benchmark_group("w2_fault_2threads");
-    g.measurement_time(Duration::from_millis(1500));
+    // The untimed opening of each round's channels costs several times the
+    // faults: keep the wall time down.
+    g.measurement_time(Duration::from_secs(1));
+    g.sample_size(10);
     g.throughput(Throughput::Elements(B as u64));
     let host = ServiceHost::new();
     let root = CancellationToken::new();
