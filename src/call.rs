@@ -456,7 +456,13 @@ impl Canceller {
     pub fn cancel(&self) -> bool {
         // SAFETY: the slab lives as long as `self.channel`.
         let slot = unsafe { self.slot.as_ref() };
-        self.channel.cancel_call(slot, self.generation)
+        // Mutant (ci/mutants.sh): cancel whatever call occupies the slot now.
+        let generation = if cfg!(callcancel_mutant = "canceller_current_gen") {
+            slot.state.load(Ordering::Relaxed).generation()
+        } else {
+            self.generation
+        };
+        self.channel.cancel_call(slot, generation)
     }
 
     /// Whether the call this canceller names has completed.

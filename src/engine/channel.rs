@@ -119,12 +119,18 @@ impl ChannelShared {
     /// finishing phase (module docs). The caller must hold a strong
     /// reference of its own.
     pub(crate) fn try_dispose(&self) {
+        self.try_dispose_from(None);
+    }
+
+    /// As [`ChannelShared::try_dispose`], scanning from `start` (a freer's
+    /// own slot) onwards.
+    fn try_dispose_from(&self, start: Option<&CallSlot>) {
         if !self.is_orphaned() {
             return;
         }
         'scan: loop {
             let mut seen = None;
-            let found = self.slab.find_slot(|slot| {
+            let found = self.slab.find_slot_from(start, |slot| {
                 // Ordering: SeqCst, after our handle decrement (module docs).
                 let s = slot.state.load(Ordering::SeqCst);
                 seen = Some(s);
@@ -460,7 +466,7 @@ impl ChannelShared {
                 // SAFETY: the `DUTY` setter handed us a strong reference
                 // counted on the keepalive pointer (`try_dispose`,
                 // `census_for_wait`).
-                Released::Duty => Self::run_duties(unsafe { Arc::from_raw(me) }),
+                Released::Duty => Self::run_duties(unsafe { Arc::from_raw(me) }, slot),
             };
         }
         self.release_with_duties(slot, word)
@@ -477,20 +483,21 @@ impl ChannelShared {
             Released::Duty => Some(unsafe { Arc::from_raw(Arc::as_ptr(&held)) }),
         };
         drop(handed);
-        Self::run_duties(held)
+        Self::run_duties(held, slot)
     }
 
     /// The release duties: wake idle waiters, dispose of an orphaned
-    /// channel. Runs on a strong reference.
+    /// channel (scanning from the slot just released). Runs on a strong
+    /// reference, which keeps `slot`'s memory alive.
     #[cold]
-    fn run_duties(this: Arc<Self>) -> Option<Panic> {
+    fn run_duties(this: Arc<Self>, slot: &CallSlot) -> Option<Panic> {
         let panic = if this.host.idle_watched() {
             this.host.notify_idle()
         } else {
             None
         };
         if this.is_orphaned() {
-            this.try_dispose();
+            this.try_dispose_from(Some(slot));
         }
         panic
     }
