@@ -1,4 +1,4 @@
-//! Layer 6 (public face): [`Call`], [`OperationContext`], the
+//! Layer 7 (public face): [`Call`], [`OperationContext`], the
 //! [`Cancelled`] future and the [`Canceller`]. Delegation and docs only: the
 //! protocols live in `engine/channel.rs` and `wait/`.
 

@@ -1,4 +1,4 @@
-//! Layer 6 (public face): [`ServiceHost`]. Delegation and docs only: the
+//! Layer 7 (public face): [`ServiceHost`]. Delegation and docs only: the
 //! protocol lives in `engine/host.rs`.
 
 use core::fmt;

@@ -128,6 +128,13 @@ impl ChannelShared {
         if !self.is_orphaned() {
             return;
         }
+        if self.slab.never_used() {
+            // No segment was ever grown: no call can be in flight (a call's
+            // segment publication precedes its handle's decrement, which
+            // precedes ours in the handle count's release sequence).
+            self.drop_keepalive();
+            return;
+        }
         let walk = self.slab.walk();
         'scan: loop {
             let mut seen = None;
@@ -163,6 +170,12 @@ impl ChannelShared {
                 }
             }
         }
+        drop(walk);
+        self.drop_keepalive();
+    }
+
+    /// Drops the calls' keepalive reference, once (the disposal).
+    fn drop_keepalive(&self) {
         // Ordering: AcqRel; the swap makes exactly one disposer own the
         // reference, and orders every freer's release before the drop.
         let raw = self.keepalive.swap(ptr::null_mut(), Ordering::AcqRel);

@@ -1,4 +1,4 @@
-//! Layer 3: what every channel of a host shares — the host state word, the
+//! Layer 4: what every channel of a host shares — the host state word, the
 //! idle wake-up, the counters of [`HostStats`](crate::HostStats), and the
 //! marker that tells a wait it runs inside one of this host's callbacks.
 //!

@@ -1,4 +1,4 @@
-//! Layer 3: a channel's list of secondary waiters.
+//! Layer 4: a channel's list of secondary waiters.
 //!
 //! The first `cancelled()` future of a call parks in the call's slot (its
 //! `AtomicWaker`); every other future of that call — and every

@@ -231,6 +231,12 @@ impl Slab {
         self.seg_cell(k).map_or(ptr::null_mut(), |c| c.load(order))
     }
 
+    /// Whether no segment was ever grown (no call ever ran here).
+    #[inline]
+    pub(crate) fn never_used(&self) -> bool {
+        self.dir().is_none()
+    }
+
     /// Starts a walk (see [`Walk`]).
     ///
     /// Ordering: SeqCst: the increment precedes every segment load of the

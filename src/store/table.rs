@@ -1,4 +1,4 @@
-//! Layer 3: the host's table of channels, generic over what it holds.
+//! Layer 4: the host's table of channels, generic over what it holds.
 //!
 //! The host reaches its channels through an `ArcSwap` snapshot of a list of
 //! fixed-size chunks; each chunk entry is an atomic pointer holding a
@@ -150,7 +150,8 @@ impl<T: Send + Sync + 'static> ChannelTable<T> {
     /// Reserves an entry for a new channel.
     pub(crate) fn reserve(&self) -> TableEntry<T> {
         loop {
-            let chunks = self.chunks.load_full();
+            // A guard, not a clone: no RMW on the snapshot's shared count.
+            let chunks = self.chunks.load();
             let n = chunks.len();
             // Ordering: Relaxed; the cursor is only where to start looking.
             let start = self.cursor.load(Ordering::Relaxed).min(n);
@@ -186,6 +187,7 @@ impl<T: Send + Sync + 'static> ChannelTable<T> {
             }
             // Every entry is taken: append a chunk unless somebody did.
             let seen = chunks.len();
+            drop(chunks);
             self.chunks.rcu(|cur| {
                 let mut next = Vec::clone(cur);
                 if next.len() == seen {

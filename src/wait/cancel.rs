@@ -1,4 +1,4 @@
-//! Layer 5 (async): waiting for a call's cancellation — the state shared by
+//! Layer 6 (async): waiting for a call's cancellation — the state shared by
 //! the `cancelled()` future and the owned [`CancelWatch`]'s future.
 //!
 //! # Protocol (register, then re-check)
