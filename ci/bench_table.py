@@ -11,6 +11,11 @@ throughput of N elements, "per call" is median / N. "vs callcancel" is this
 row's median over the callcancel reference of the same group and parameter
 (above 1: slower than callcancel). The P1, P4, P5 and P6 verdicts are
 computed from the same medians; P2 and P3 are checked by tests/alloc.rs.
+
+The server-shaped workloads: W1-W3 from the groups of benches/workload.rs
+(`w1_churn`, `w2_fault`, `w2_fault_2threads`, `w3_open_drop`), W4 from the
+`memory.json` that `cargo bench --bench memory` writes into the same
+criterion directory. `--workloads` prints only those rows and verdicts.
 """
 
 import json
@@ -28,6 +33,11 @@ REFERENCE = {
     "abort": "callcancel_host",
     "fault": "callcancel_channel",
     "contention": "callcancel_1thread",
+    # Server-shaped workloads (benches/workload.rs), W1-W3.
+    "w1_churn": "callcancel",
+    "w2_fault": "callcancel_fault_idle",
+    "w2_fault_2threads": "callcancel_1thread",
+    "w3_open_drop": "callcancel",
 }
 GROUP_ORDER = list(REFERENCE)
 
@@ -211,12 +221,142 @@ def machine():
     ]
 
 
+WORKLOAD_GROUPS = ("w1_churn", "w2_fault", "w2_fault_2threads", "w3_open_drop")
+
+
+def faster(speedup):
+    """callcancel's speed-up over the peer, in words."""
+    return f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.1f}x slower"
+
+
+def ratio_cell(x):
+    return "–" if x is None else f"{x:.2f}x"
+
+
+def workload_targets(rows, root):
+    """The W1-W4 rows: one line per target with its ratio and verdict."""
+    out = [
+        "### Server-shaped workloads: targets (medians above; W4 from memory.json)\n",
+        "| target | callcancel | peer | ratio | target | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    W1 = "w1_churn"
+    ks = sorted({v for g, _, v in rows if g == W1 and v}, key=float)
+    for k in ks:
+        cc = median(rows, W1, "callcancel", k)
+        tok = median(rows, W1, "tokio_util", k)
+        if None in (cc, tok):
+            continue
+        speedup = tok / cc
+        want = 1.0 if float(k) < 10 else 2.0
+        target = "no slower" if want == 1.0 else ">= 2x faster"
+        out.append(
+            f"| W1 churn, k = {k}, per connection | {fmt_time(cc)} | tokio-util {fmt_time(tok)} "
+            f"| {faster(speedup)} | {target} | {verdict(speedup >= want)} |"
+        )
+    W2 = "w2_fault"
+    f = median(rows, W2, "callcancel_fault_idle")
+    t = median(rows, W2, "tokio_util_cancel_idle")
+    if f is not None:
+        out.append(
+            f"| W2 `fault()` of an idle channel | {fmt_time(f)} | tokio-util `cancel()` {fmt_time(t)} "
+            f"| {ratio_cell(None if t is None else f / t)} of the peer | <= 150 ns | {verdict(f <= 150)} |"
+        )
+    c = median(rows, W2, "callcancel_cancel_registered")
+    t = median(rows, W2, "tokio_util_cancel_waiter")
+    if c is not None:
+        out.append(
+            f"| W2 `cancel()` of a registered call | {fmt_time(c)} | tokio-util `cancel()` with a waiter "
+            f"{fmt_time(t)} | {ratio_cell(None if t is None else c / t)} of the peer | <= 150 ns "
+            f"| {verdict(c <= 150)} |"
+        )
+    else:
+        out.append("| W2 `cancel()` of a registered call | not measured (no `OperationContext::cancel` in this core) | | | <= 150 ns | – |")
+    T = "w2_fault_2threads"
+    one = per_call(rows, T, "callcancel_1thread", None)
+    two = per_call(rows, T, "callcancel_2threads", None)
+    t1 = per_call(rows, T, "tokio_util_1thread", None)
+    t2 = per_call(rows, T, "tokio_util_2threads", None)
+    if None not in (one, two):
+        scale = 2 * one / two
+        peer = f"tokio-util {2 * t1 / t2:.2f}x" if None not in (t1, t2) else "–"
+        out.append(
+            f"| W2 two threads faulting different channels, aggregate throughput | "
+            f"{fmt_time(one)} per fault on 1 thread, {fmt_time(two)} per fault per thread on 2 "
+            f"| {peer} | {scale:.2f}x one thread | >= 1.8x | {verdict(scale >= 1.8)} |"
+        )
+    W3 = "w3_open_drop"
+    cc = median(rows, W3, "callcancel")
+    tok = median(rows, W3, "tokio_util")
+    if None not in (cc, tok):
+        out.append(
+            f"| W3 `open_channel()` + drop | {fmt_time(cc)} | `child_token()` + drop {fmt_time(tok)} "
+            f"| {cc / tok:.2f}x the peer | <= 1.5x | {verdict(cc / tok <= 1.5)} |"
+        )
+    out += memory_rows(root)
+    out.append("")
+    return out
+
+
+def fmt_bytes(b):
+    if abs(b) >= 1e6:
+        return f"{b / 1e6:.2f} MB"
+    if abs(b) >= 1e4:
+        return f"{b / 1e3:.1f} kB"
+    return f"{b:.0f} B"
+
+
+def memory_rows(root):
+    path = root / "memory.json"
+    if not path.exists():
+        return ["| W4 memory | not measured (run `cargo bench --bench memory`) | | | | |"]
+    m = json.loads(path.read_text())
+    out = []
+    per, tok = m.get("idle_channel_bytes"), m.get("idle_child_token_bytes")
+    if per is not None:
+        out.append(
+            f"| W4 bytes per open idle channel | {per:.0f} B | tokio-util child token {tok:.0f} B "
+            f"| {per / tok:.2f}x the peer | <= 256 B | {verdict(per <= 256)} |"
+        )
+
+    def before_after(label, key, fmt, burst):
+        b, p, a = m.get(f"{key}_before"), m.get(f"{key}_peak"), m.get(f"{key}_settled")
+        if None in (b, a):
+            return
+        peak = "" if p is None else f", peak {fmt(p)}"
+        out.append(
+            f"| W4 {burst}: {label} | before {fmt(b)}{peak}, after {fmt(a)} | | "
+            f"{a / b:.2f}x before | <= 2x | {verdict(a <= 2 * b)} |"
+        )
+
+    n1 = m.get("b1_calls")
+    b1 = f"burst 1 ({n1:.0f} calls on one channel)" if n1 else "burst 1"
+    before_after("live bytes", "b1_live", fmt_bytes, b1)
+    before_after("`channel.in_flight()`", "b1_channel_in_flight_ns", fmt_time, b1)
+    before_after("`host.in_flight()`", "b1_host_in_flight_ns", fmt_time, b1)
+    before_after("`fault()` of the burst channel (before: a fresh channel)", "b1_fault_own_ns", fmt_time, b1)
+    n2 = m.get("b2_channels")
+    b2 = f"burst 2 ({n2:.0f} channels opened, dropped)" if n2 else "burst 2"
+    before_after("live bytes", "b2_live", fmt_bytes, b2)
+    before_after("`host.in_flight()`", "b2_host_in_flight_ns", fmt_time, b2)
+    before_after("`fault()` of a fresh channel", "b2_fault_fresh_ns", fmt_time, b2)
+    before_after("`open_channel()` + drop", "b2_open_drop_ns", fmt_time, b2)
+    return out
+
+
 def main():
+    args = [a for a in sys.argv[1:] if a != "--workloads"]
+    only_workloads = len(args) != len(sys.argv) - 1
+    sys.argv[1:] = args
     root = criterion_dir()
     rows = load(root)
     if not rows:
         sys.exit(f"no criterion results under {root}: run `cargo bench` first")
-    print("\n".join(machine() + tables(rows) + targets(rows)))
+    if only_workloads:
+        rows = {k: v for k, v in rows.items() if k[0] in WORKLOAD_GROUPS}
+        print("\n".join(machine() + tables(rows) + workload_targets(rows, root)))
+        return
+    print("\n".join(machine() + tables(rows) + targets(rows) + workload_targets(rows, root)))
 
 
 if __name__ == "__main__":

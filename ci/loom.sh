@@ -48,6 +48,13 @@ loom cancel_per_call cancel_vs_fault 3
 loom cancel_per_call canceller_vs_complete_and_reuse 3
 loom deadline deadline_vs_complete_and_reuse 3
 loom deadline deadline_vs_cancel 3
+loom shrink stale_canceller_vs_shrink 3
+loom review two_freers_last_handle_and_idle_waiter 3
+loom review canceller_frees_vs_last_handle 3
+loom review deadline_take_vs_complete_vs_last_handle 3
+loom review stale_marked_wake_vs_reused_slot_waiter 3
+loom review refused_begin_is_not_counted_cancelled 3
+loom shrink begin_call_vs_shrink 3
 loom begin_call_vs_abort begin_call_vs_host_abort -
 loom begin_call_vs_abort begin_call_vs_channel_fault -
 loom begin_call_vs_abort reused_slot_begin_call_vs_host_abort -

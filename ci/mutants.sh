@@ -21,6 +21,8 @@
 #                                          callback another one claimed started (A1)
 #   watch_primary          src/wait/cancel.rs: a CancelWatch future may take the
 #                                          slot's waker (lost wake-up after reuse)
+#   canceller_current_gen  src/call.rs:    Canceller::cancel cancels whatever call
+#                                          occupies the slot now (R6 across reuse)
 #   no_duty                src/state.rs:   CallState::request_duty never hands the
 #                                          release duties over (orphan leak,
 #                                          idle waiter never woken)
@@ -41,6 +43,7 @@ no_waker_recheck cancelled_future cancelled_future_vs_abort
 no_started_wait two_aborts two_faults_with_a_parked_watch
 watch_primary watch_reuse watch_repolled_across_slot_reuse
 no_duty orphan last_handle_vs_finishing_free
+canceller_current_gen cancel_per_call canceller_vs_complete_and_reuse
 "
 
 run() { # flags file test -> exit status of the model, output in $out
@@ -52,11 +55,17 @@ run() { # flags file test -> exit status of the model, output in $out
   return $rc
 }
 
+# Optional: only mutants whose name matches $1 (a regex).
+filter=${1:-}
+# Three-thread models need a preemption bound (as in ci/loom.sh).
+export LOOM_MAX_PREEMPTIONS=${LOOM_MAX_PREEMPTIONS:-3}
+
 report=""
 survived=0
 IFS=$' \n\t'
 while read -r name file test; do
   [[ -z $name ]] && continue
+  [[ -n $filter && ! $name =~ $filter ]] && continue
   echo "::: mutant $name -> $file::$test"
   if ! run "$base" "$file" "$test"; then
     echo "baseline model $test fails on unmutated code: $why" >&2

@@ -22,6 +22,13 @@
 //!   every worker is refused, the host becomes idle, and `close()` moves it
 //!   to `Closed`.
 //!
+//! * v2, before the fault: one `Block` call on channel 0 is begun with a
+//!   deadline and must wake with `DeadlineExceeded` (never before the
+//!   deadline, driven by the crate's own timer thread: no async runtime
+//!   here), and one on channel 1 is cancelled alone through a `Canceller`
+//!   (`CallCancelled`, as when its client resets the stream) while its
+//!   neighbours run on; a stale canceller of it then does nothing.
+//!
 //! The event checks the rules it relies on: the cancel callback runs at most
 //! once, never after the free-state, and the free-state never overlaps the
 //! cancel callback and runs exactly once. Any broken count makes the example
@@ -459,6 +466,14 @@ fn main() {
         fail("a call was cancelled before any fault or abort");
     }
 
+    // Phase 1b (v2): a deadline and a per-call cancel, each on one Block call.
+    let v2 = v2_phase(&channels);
+    println!(
+        "deadline: a Block call woke with DeadlineExceeded {:.2?} after its deadline; \
+         cancel(): a Block call woke with CallCancelled, its neighbours ran on",
+        v2.deadline_late
+    );
+
     // Phase 2: fault one channel (a client dropped its session).
     let blocked_at_fault = get(&stats.blocked_now[FAULTED]);
     let before: Vec<usize> = (0..CHANNELS)
@@ -587,6 +602,16 @@ fn main() {
         get(&stats.cancel_inline)
     );
     println!("frees:            {frees}");
+    let hs = host.stats();
+    println!(
+        "host.stats():     refused {}, cancelled: HostAbort {}, ChannelFaulted {}, \
+         CallCancelled {}, DeadlineExceeded {}",
+        hs.refused,
+        hs.cancelled(CancelReason::HostAbort),
+        hs.cancelled(CancelReason::ChannelFaulted),
+        hs.cancelled(CancelReason::CallCancelled),
+        hs.cancelled(CancelReason::DeadlineExceeded)
+    );
     println!("abort -> idle:    {abort_to_idle:.2?}");
     println!("final host state: {final_state:?}");
 
@@ -676,6 +701,20 @@ fn main() {
         host.in_flight() == 0,
         format!("in_flight() = {} after idle", host.in_flight()),
     );
+    check(
+        hs.cancelled(CancelReason::DeadlineExceeded) == 1
+            && hs.cancelled(CancelReason::CallCancelled) == 1,
+        format!(
+            "stats: DeadlineExceeded {} and CallCancelled {}, expected 1 and 1",
+            hs.cancelled(CancelReason::DeadlineExceeded),
+            hs.cancelled(CancelReason::CallCancelled)
+        ),
+    );
+    check(
+        hs.cancelled(CancelReason::ChannelFaulted) as usize == get(&stats.cancel_channel_faulted)
+            && hs.cancelled(CancelReason::HostAbort) as usize == get(&stats.cancel_host_abort),
+        "stats() disagrees with the callbacks' counts".into(),
+    );
     for (i, ch) in channels.iter().enumerate() {
         check(
             ch.in_flight() == 0,
@@ -691,4 +730,91 @@ fn main() {
         fail(&errors.join("; "));
     }
     println!("OK: every count matches");
+}
+
+/// What the v2 phase saw.
+struct V2 {
+    deadline_late: Duration,
+}
+
+/// A `Block` call outside the counted workers: register the event, wait on
+/// it on its own thread, complete. Returns the thread (yielding the reason
+/// it woke with) and the free-state's count (the free may run on the
+/// canceller's thread, if the call completed while the callback still ran).
+type Blocked = (thread::JoinHandle<Option<CancelReason>>, Arc<AtomicUsize>);
+
+fn block_alone(call: Call) -> Blocked {
+    let event = Arc::new(Event::default());
+    let freed = Arc::new(AtomicUsize::new(0));
+    let f = Arc::clone(&freed);
+    call.register_for_cancel_with_free(
+        Arc::clone(&event),
+        |reason, ev: &Arc<Event>| {
+            if ev.signal(reason).is_err() {
+                fail("v2: a cancel callback misused its event");
+            }
+        },
+        move |ev: Arc<Event>| {
+            ev.close();
+            f.fetch_add(1, SeqCst);
+        },
+    )
+    .unwrap_or_else(|_| fail("v2: registration refused"));
+    let t = thread::spawn(move || {
+        let reason = event.wait();
+        if call.cancel_reason() != reason {
+            fail("v2: cancel_reason() disagrees with the callback");
+        }
+        call.complete();
+        reason
+    });
+    (t, freed)
+}
+
+fn v2_phase(channels: &[Channel]) -> V2 {
+    // A deadline: the timer thread cancels the call, never early.
+    let at = Instant::now() + Duration::from_millis(50);
+    let call = channels[0]
+        .begin_call_with_deadline(at)
+        .unwrap_or_else(|e| fail(&format!("begin_call_with_deadline: {e}")));
+    if call.deadline() != Some(at) {
+        fail("v2: deadline() is not the deadline given");
+    }
+    let (t, freed) = block_alone(call);
+    let reason = t.join().unwrap_or_else(|_| fail("v2 panicked"));
+    let woke = Instant::now();
+    // The timer thread may still be finishing (and then frees): wait for it.
+    wait_until("the deadline call is freed", || freed.load(SeqCst) == 1);
+    let frees = freed.load(SeqCst);
+    if reason != Some(CancelReason::DeadlineExceeded) || frees != 1 {
+        fail(&format!(
+            "v2: deadline call woke with {reason:?}, {frees} frees"
+        ));
+    }
+    if woke < at {
+        fail("v2: a deadline fired early");
+    }
+    // A per-call cancel: only that call, with CallCancelled.
+    let call = channels[1]
+        .begin_call()
+        .unwrap_or_else(|e| fail(&format!("begin_call: {e}")));
+    let canceller = call.canceller();
+    let (blocked, freed) = block_alone(call);
+    if !canceller.cancel() {
+        fail("v2: the first cancel() did not decide the cancellation");
+    }
+    let reason = blocked.join().unwrap_or_else(|_| fail("v2 panicked"));
+    // Both sides are done: whoever finished last has freed.
+    let frees = freed.load(SeqCst);
+    if reason != Some(CancelReason::CallCancelled) || frees != 1 {
+        fail(&format!(
+            "v2: cancelled call woke with {reason:?}, {frees} frees"
+        ));
+    }
+    if canceller.cancel() || !canceller.is_finished() {
+        fail("v2: a canceller of a completed call still acted");
+    }
+    V2 {
+        deadline_late: woke - at,
+    }
 }

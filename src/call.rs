@@ -1,4 +1,4 @@
-//! Layer 6 (public face): [`Call`], [`OperationContext`], the
+//! Layer 7 (public face): [`Call`], [`OperationContext`], the
 //! [`Cancelled`] future and the [`Canceller`]. Delegation and docs only: the
 //! protocols live in `engine/channel.rs` and `wait/`.
 
@@ -12,6 +12,7 @@ use core::task::{Context, Poll};
 use crate::engine::channel::ChannelShared;
 use crate::engine::deadline::{self, Deadline};
 use crate::slot::CallSlot;
+use crate::store::slab::SlotRef;
 use crate::sync::{Arc, Ordering};
 use crate::wait::cancel::{CancelWatch, Role, WaitState, Woken};
 use crate::{CancelReason, RegisterError};
@@ -213,7 +214,8 @@ impl OperationContext {
     pub fn watch(&self) -> CancelWatch {
         // SAFETY: this call occupies its slot, so the keepalive is held.
         let channel = unsafe { ChannelShared::hold(self.channel.as_ptr()) };
-        CancelWatch::new(channel, self.slot, self.generation())
+        let slot = SlotRef::new(&channel.slab, self.slot());
+        CancelWatch::new(channel, slot, self.generation())
     }
 
     /// Cancels this call alone with [`CancelReason::CallCancelled`] (R1–R6
@@ -257,9 +259,10 @@ impl OperationContext {
     pub fn canceller(&self) -> Canceller {
         // SAFETY: this call occupies its slot, so the keepalive is held.
         let channel = unsafe { ChannelShared::hold(self.channel.as_ptr()) };
+        let slot = SlotRef::new(&channel.slab, self.slot());
         Canceller {
             channel,
-            slot: self.slot,
+            slot,
             generation: self.generation(),
         }
     }
@@ -434,16 +437,10 @@ impl fmt::Debug for Cancelled<'_> {
 #[derive(Clone)]
 pub struct Canceller {
     channel: Arc<ChannelShared>,
-    slot: NonNull<CallSlot>,
+    /// Dereferenced only while its segment is published (`store/slab.rs`).
+    slot: SlotRef,
     generation: u64,
 }
-
-// SAFETY: `slot` points into `channel`'s slab, kept alive by `channel`;
-// `cancel` goes through the state word's protocol (atomics), which checks
-// the generation before touching anything of the call.
-unsafe impl Send for Canceller {}
-// SAFETY: as above; `&Canceller` offers only `cancel`, which is thread-safe.
-unsafe impl Sync for Canceller {}
 
 impl Canceller {
     /// Cancels the call with [`CancelReason::CallCancelled`], as
@@ -454,17 +451,27 @@ impl Canceller {
     ///
     /// If the call's cancel callback panics (it runs on this thread).
     pub fn cancel(&self) -> bool {
-        // SAFETY: the slab lives as long as `self.channel`.
-        let slot = unsafe { self.slot.as_ref() };
-        self.channel.cancel_call(slot, self.generation)
+        let channel = &self.channel;
+        self.slot
+            .with(&channel.slab, |slot| {
+                // Mutant (ci/mutants.sh): cancel whatever call occupies the
+                // slot now.
+                let generation = if cfg!(callcancel_mutant = "canceller_current_gen") {
+                    slot.state.load(Ordering::Relaxed).generation()
+                } else {
+                    self.generation
+                };
+                channel.cancel_call(slot, generation)
+            })
+            .unwrap_or(false)
     }
 
     /// Whether the call this canceller names has completed.
     pub fn is_finished(&self) -> bool {
-        // SAFETY: as in `cancel`.
-        let slot = unsafe { self.slot.as_ref() };
         // Ordering: Acquire, pairing with the freer's release swap.
-        !slot.state.load(Ordering::Acquire).is_live(self.generation)
+        self.slot.with(&self.channel.slab, |slot| {
+            slot.state.load(Ordering::Acquire).is_live(self.generation)
+        }) != Some(true)
     }
 }
 

@@ -1,4 +1,4 @@
-//! Layer 6 (public face): [`Channel`]. Delegation and docs only: the
+//! Layer 7 (public face): [`Channel`]. Delegation and docs only: the
 //! protocol lives in `engine/channel.rs`.
 
 use core::fmt;

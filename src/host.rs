@@ -1,4 +1,4 @@
-//! Layer 6 (public face): [`ServiceHost`]. Delegation and docs only: the
+//! Layer 7 (public face): [`ServiceHost`]. Delegation and docs only: the
 //! protocol lives in `engine/host.rs`.
 
 use core::fmt;
@@ -48,9 +48,25 @@ use crate::{Error, HostState, HostStats};
 /// assert_eq!(host.close(Duration::from_secs(1)), Ok(()));
 /// assert_eq!(host.state(), HostState::Closed);
 /// ```
-#[derive(Clone)]
 pub struct ServiceHost {
     shared: Arc<HostShared>,
+}
+
+impl Clone for ServiceHost {
+    fn clone(&self) -> Self {
+        self.shared.add_handle();
+        Self {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl Drop for ServiceHost {
+    fn drop(&mut self) {
+        // A5: the last *handle* aborts an unclosed host, even while an
+        // `idle()` or `close_async()` future still holds the shared state.
+        self.shared.drop_handle();
+    }
 }
 
 impl Default for ServiceHost {
@@ -101,9 +117,9 @@ impl ServiceHost {
     /// * Idempotent; may be called from several threads, repeatedly, and
     ///   from inside a cancel callback without deadlock (A3). On a `Closed`
     ///   host it does nothing.
-    /// * Cost: besides the sweep, one process-wide memory barrier (Linux
-    ///   `membarrier`, a few microseconds; the price of `begin_call`'s
-    ///   barrier-free fast path, see the README's Design section).
+    /// * Cost: a `SeqCst` state change and a walk over the live channels'
+    ///   slots (chunks of the channel table with nothing live are skipped);
+    ///   no process-wide barrier.
     ///
     /// # Panics
     ///

@@ -99,12 +99,13 @@
 //! | R4 | `engine/channel.rs`: `ChannelShared::begin` (CAS, then `SeqCst` re-check) against `fault` / `engine/host.rs` `abort` (flag, then sweep); `state.rs`: `publish_registration` |
 //! | R5 | `state.rs`: the reason bits are written once, by the deciding CAS |
 //! | R6 | `state.rs`: `request_cancel` skips `COMPLETED` and other generations |
-//! | R7 | `engine/deadline.rs` (arm, disarm before completion, expiry through `cancel_slot`); `store/timer.rs` (never early) |
+//! | R7 | `engine/deadline.rs` (arm; disarm before completion; expiry decides through `decide_cancel` on the timer thread, a claimed callback runs on the `runners` pool); `store/timer.rs` (never early) |
 //! | A1 | `engine/channel.rs`: `ChannelShared::sweep` (a losing sweeper waits for `STARTED`: `CallState::wait_started`) |
 //! | A2 | `engine/host.rs`: `wait_idle_until`; `store/host_core.rs`: idle epoch; `state.rs`: `request_duty` / `release` (`DUTY`) |
 //! | A3 | `store/host_core.rs`: `UserCode` / `running_for` (waits from a callback answer at once); no lock held across user code |
 //! | A4 | `value/panic.rs`: `FirstPanic`; every user call site catches |
-//! | A5 | `engine/host.rs`: `Drop for HostShared` |
+//! | A5 | `engine/host.rs`: `HostShared::drop_handle` (the last `ServiceHost` handle) |
+//! | memory follows the load | `store/slab.rs`: `Slab::shrink` / `retire` / `Walk` / `SlotRef`; `store/table.rs`: `ChannelTable::compact` |
 //!
 //! Each call's state is **one atomic word** (`state.rs` draws the state
 //! machine), in a slot of its channel's slab that is reused by generation.

@@ -211,9 +211,15 @@ unsafe impl Sync for CallSlot {}
 unsafe impl Send for CallSlot {}
 
 impl CallSlot {
+    #[cfg(test)]
     pub(crate) fn new() -> Self {
+        Self::at_generation(0)
+    }
+
+    /// A free slot whose first call has generation `gen`.
+    pub(crate) fn at_generation(gen: u64) -> Self {
         Self {
-            state: CallState::new(),
+            state: CallState::at_generation(gen),
             cell: UnsafeCell::new(Buf([MaybeUninit::uninit(); INLINE_WORDS])),
             vtable: AtomicPtr::new(ptr::null_mut()),
             waker: AtomicWaker::new(),

@@ -12,10 +12,10 @@
 //! # Bits
 //!
 //! ```text
-//!  63 ............ 12   11    10       9       8        7       6       5      4..3    2        1         0
-//! +------------------+------+--------+------+--------+-------+-------+-------+------+------+----------+--------+
-//! |    generation    | DUTY |OVERFLOW|WAITER|COMPLETED|CB_DONE|STARTED|CLAIMED|REASON|CANCEL|REGISTERED|OCCUPIED|
-//! +------------------+------+--------+------+--------+-------+-------+-------+------+------+----------+--------+
+//!  63 ....... 13    12      11    10       9       8        7       6       5      4..3    2        1         0
+//! +-------------+-------+------+--------+------+--------+-------+-------+-------+------+------+----------+--------+
+//! | generation  |RETIRED| DUTY |OVERFLOW|WAITER|COMPLETED|CB_DONE|STARTED|CLAIMED|REASON|CANCEL|REGISTERED|OCCUPIED|
+//! +-------------+-------+------+--------+------+--------+-------+-------+-------+------+------+----------+--------+
 //! ```
 //!
 //! | bit | meaning | set by | invariant |
@@ -29,6 +29,7 @@
 //! | `COMPLETED` | the owner completed the call | [`CallState::complete`] | afterwards only the freer writes the word, plus a `DUTY` request |
 //! | `WAITER` | the primary `cancelled()` future parked in the slot's `AtomicWaker` | [`CallState::announce_waiter`] | cleared by a dropped primary ([`CallState::withdraw_waiter`]) or the release |
 //! | `OVERFLOW` | futures parked in the channel's overflow list | [`CallState::announce_waiter`] | cleared by the release |
+//! | `RETIRED` | a free slot of a segment being given back (`store/slab.rs`) | [`CallState::try_retire`] (CAS, only while free) | `try_occupy` fails on it; only the retiring census clears it again |
 //! | `DUTY` | a scanner (last handle's drop, idle waiter) found the slot finishing and handed the freer a strong channel reference: run the release duties after the release | [`CallState::request_duty`] (CAS, only while finishing) | read by the release swap |
 //!
 //! # State machine (one generation of one slot)
@@ -120,9 +121,12 @@ pub(crate) const OVERFLOW: u64 = 1 << 10;
 /// slot (idle waiters, an orphaned channel), and handed it a strong
 /// reference for that.
 const DUTY: u64 = 1 << 11;
-const GEN_SHIFT: u32 = 12;
+/// A free slot of a segment being given back (`store/slab.rs`): nobody may
+/// occupy it again.
+const RETIRED: u64 = 1 << 12;
+const GEN_SHIFT: u32 = 13;
 const FLAGS_MASK: u64 = (1 << GEN_SHIFT) - 1;
-/// Bits of generation: a slot reused every 10 ns wraps after ~1.4 years.
+/// Bits of generation: a slot reused every 10 ns wraps after ~8 months.
 #[cfg(test)]
 pub(crate) const GEN_BITS: u32 = u64::BITS - GEN_SHIFT;
 
@@ -207,6 +211,7 @@ impl core::fmt::Debug for Snapshot {
             (WAITER, "WAITER"),
             (OVERFLOW, "OVERFLOW"),
             (DUTY, "DUTY"),
+            (RETIRED, "RETIRED"),
         ];
         write!(f, "gen {} [", self.generation())?;
         let mut first = true;
@@ -322,10 +327,36 @@ pub(crate) struct CallState {
 }
 
 impl CallState {
+    #[cfg(test)]
     pub(crate) fn new() -> Self {
+        Self::at_generation(0)
+    }
+
+    /// A free word whose first generation is `gen` (a segment allocated
+    /// again after one was given back starts above every generation the old
+    /// one used, so a stale `Canceller` can never match: `store/slab.rs`).
+    pub(crate) fn at_generation(gen: u64) -> Self {
         Self {
-            word: AtomicU64::new(0),
+            word: AtomicU64::new((gen << GEN_SHIFT) & !FLAGS_MASK),
         }
+    }
+
+    /// Marks a free slot `RETIRED` (its segment is being given back).
+    /// Fails if it is occupied. Ordering: `SeqCst` CAS, against
+    /// `try_occupy`'s CAS (one of the two fails).
+    pub(crate) fn try_retire(&self) -> bool {
+        let cur = self.word.load(Ordering::SeqCst);
+        cur & (OCCUPIED | RETIRED) == 0
+            && self
+                .word
+                .compare_exchange(cur, cur | RETIRED, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+    }
+
+    /// Undoes [`CallState::try_retire`] (another slot of the segment was
+    /// busy). Nobody else writes a retired word.
+    pub(crate) fn unretire(&self) {
+        self.word.fetch_and(!RETIRED, Ordering::SeqCst);
     }
 
     /// Under loom only: an acquire RMW on the word before a slot is dropped.
@@ -353,7 +384,7 @@ impl CallState {
     #[must_use]
     pub(crate) fn try_occupy(&self) -> Option<Snapshot> {
         let cur = self.word.load(Ordering::Relaxed);
-        if cur & OCCUPIED != 0 {
+        if cur & (OCCUPIED | RETIRED) != 0 {
             return None;
         }
         let new = cur | OCCUPIED;
@@ -574,8 +605,11 @@ impl CallState {
     /// unwoken: clear `WAITER` so the next future of the call can take the
     /// slot's waker again (instead of the channel's overflow list).
     ///
-    /// Ordering: `Relaxed` suffices for the bit (a canceller that still saw
-    /// it merely wakes an empty `AtomicWaker`).
+    /// Ordering: `Release` on success, pairing with the next primary's
+    /// `AcqRel` announcement: the old primary's `waker.take()` happens
+    /// before the new primary's `register`, so it can never take the new
+    /// waker. (A canceller that still saw the bit merely wakes an empty
+    /// `AtomicWaker`.)
     pub(crate) fn withdraw_waiter(&self, gen: u64) {
         let mut cur = Snapshot(self.word.load(Ordering::Relaxed));
         loop {
@@ -585,7 +619,7 @@ impl CallState {
             match self.word.compare_exchange_weak(
                 cur.0,
                 cur.0 & !WAITER,
-                Ordering::Relaxed,
+                Ordering::Release,
                 Ordering::Relaxed,
             ) {
                 Ok(_) => return,
@@ -610,7 +644,7 @@ mod tests {
     #[test]
     fn the_generation_is_wide_on_every_target() {
         // Issue 12 #10: 22 bits on 32-bit targets wrapped in ~0.1 s.
-        const { assert!(GEN_BITS >= 52) };
+        const { assert!(GEN_BITS >= 51) };
         let s = CallState::new();
         let g = s.try_occupy().unwrap().generation();
         let Completion::OwnerFrees { prev } = s.complete() else {

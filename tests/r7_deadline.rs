@@ -40,6 +40,9 @@ fn a_deadline_cancels_never_early() {
         assert_eq!(c.cancel_reason(), Some(CancelReason::DeadlineExceeded));
     }
     drop(calls);
+    // The timer thread may still be returning from the last callbacks (then
+    // it frees those calls): wait for it.
+    assert!(host.wait_idle(WATCHDOG));
     let stats = host.stats();
     assert_eq!(stats.cancelled(CancelReason::DeadlineExceeded), 200);
     assert_eq!(stats.in_flight, 0);

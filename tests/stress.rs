@@ -1,14 +1,22 @@
 //! Randomized multi-threaded stress against a reference model of the rules.
 //!
 //! A seeded generator drives several threads through random mixes of
-//! `open_channel`, `begin_call` (channel and host scope), registration with
-//! and without `on_free`, second registrations, `complete` and drop,
-//! `cancelled()` polling, `'static` watch futures, `fault`, `abort`,
-//! `close(timeout)` and `wait_idle`, all on one host per round. The model is a
-//! set of per-call records and per-round event counters; every outcome is
-//! checked against it:
+//! `open_channel`, `begin_call` and `begin_call_with_deadline` (channel and
+//! host scope), registration with and without `on_free`, second
+//! registrations, `complete` and drop, `cancelled()` polling, `'static` watch
+//! futures, per-call `cancel()` on the context (before and after
+//! registering), `Canceller`s shared between threads (of calls in flight and
+//! of long completed ones whose slot now serves another call), `fault`,
+//! `abort`, `close(timeout)` and `wait_idle`, all on one host per round.
+//! Deadlines (in three of four rounds; never under miri) are already past at
+//! `begin`, 0–3 ms away (half of those calls are held until the deadline
+//! passed, so the timer thread expires calls in flight and runs their
+//! callbacks) or a minute away (the calls complete first). The model is a set
+//! of per-call records and per-round event counters; every outcome is checked
+//! against it:
 //!
-//! * **R1** a callback runs at most once (checked on entry);
+//! * **R1** a callback runs at most once (checked on entry); at most one
+//!   `cancel()` request of a call returns true;
 //! * **R2** every accepted state is freed exactly once, every refused state
 //!   comes back in the error (same token) and none of its closures ever runs;
 //! * **R3** no free while the callback runs, and the callback never sees a
@@ -16,25 +24,50 @@
 //! * **R4/A1** after `abort`/`fault`/a timed-out `close` returns, every call
 //!   that was in flight before it started and has not begun completing is
 //!   cancelled, and a call registered before it started has had its callback
-//!   return (unless another canceller that claimed it is still running); a
-//!   registration on an already-cancelled call runs the callback inline;
-//! * **R5** `cancel_reason()`, the callback's reason, a polled `cancelled()`
-//!   and the watch agree, and the reason is one a canceller actually raised;
-//! * **R6** a call during whose whole life no canceller ran is never
-//!   cancelled and its callback never runs;
+//!   return (unless another canceller that claimed it — a sweep, a per-call
+//!   cancel, the timer — is still running); a registration on an
+//!   already-cancelled call runs the callback inline; a call begun past its
+//!   deadline is in flight and already cancelled; after its own `cancel()` a
+//!   call is cancelled and, if registered, its callback has run; a deadline
+//!   is not lost (a call still uncancelled 2 s after its deadline fails; in a
+//!   quarter of the rounds one thread waits for a 0–300 us deadline of a
+//!   registered call and reports the worst lateness);
+//! * **R5** every observation of a call's reason — `cancel_reason()`, the
+//!   callback, a polled `cancelled()`, the watch, at registration, at
+//!   completion — agrees with the first one, and the reason is one somebody
+//!   raised *for that call* (`CallCancelled` needs a cancel request on it);
+//!   `cancel()`/`Canceller::cancel()` returns true iff its CallCancelled won:
+//!   at the end of the round a call ended with `CallCancelled` exactly when
+//!   one request returned true;
+//! * **R6** a call during whose whole life no sweep ran, nobody cancelled it
+//!   and whose deadline had not passed when it completed is never cancelled
+//!   and its callback never runs; a `Canceller` of a completed call returns
+//!   false, reports `is_finished()`, and never cancels the later call in the
+//!   same slot (that call would show a `CallCancelled` nobody requested);
+//! * **R7** a `DeadlineExceeded` is only observed (in the callback or
+//!   anywhere else) once `Instant::now() >= deadline`;
 //! * **A1** `begin_call`/`open_channel` fail after an abort/fault/close
 //!   returned, and every refusal names an event that really started;
 //! * **A2** a successful `close` means every call completed and every state
 //!   was freed; an idle host after an abort has freed every state (in-flight
 //!   counts a call until its callback and free finished); at the end of each
 //!   round in-flight is zero on the host and every channel;
+//! * **HostStats** at the end of each round: `in_flight` is zero, `refused`
+//!   equals every refusal the round saw, and `cancelled(reason)` per reason
+//!   (and summed) equals the calls the model saw cancelled with it — a
+//!   registered call's callback tells, an unregistered one's reason read at
+//!   completion, or nobody could have cancelled it since. A call that a
+//!   canceller raced between that read and its completion is allowed within
+//!   its possible reasons (the figures print how many rounds were exact).
+//!   A `begin_call` refused while a sweep ran is never counted cancelled
+//!   (this model found that bug; `Round::raced_refusals` counts such races);
 //! * every watch future left pending is woken by the end of the round.
 //!
 //! Knobs (environment): `STRESS_CALLS` (calls to begin in total; default
 //! 1_000_000, 400 under miri), `STRESS_SEED`
 //! (replay a run), `STRESS_ROUND` (replay one round of that seed),
-//! `STRESS_THREADS` (default 4; 2 under miri). A failure prints the seed and
-//! round to replay. Run with `-- --nocapture` to see the figures.
+//! `STRESS_THREADS` (default 4; 2 under miri). A failure prints the seed and round to replay. Run with
+//! `-- --nocapture` to see the figures.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -45,8 +78,8 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use callcancel::{
-    Call, CancelReason, CancelWatch, Channel, Error, HostState, RegisterErrorKind, ServiceHost,
-    WatchCancelled,
+    Call, CancelReason, CancelWatch, Canceller, Channel, Error, HostState, RegisterErrorKind,
+    ServiceHost, WatchCancelled,
 };
 
 // ---------------------------------------------------------------- randomness
@@ -119,14 +152,39 @@ const CB_START: u32 = 4;
 const CB_DONE: u32 = 8;
 const FREED: u32 = 16;
 const NO_CANCEL: u32 = 32;
+/// `complete()` returned.
+const DONE: u32 = 64;
+
+const REASONS: [CancelReason; 4] = [
+    CancelReason::HostAbort,
+    CancelReason::ChannelFaulted,
+    CancelReason::CallCancelled,
+    CancelReason::DeadlineExceeded,
+];
 
 fn code(r: Option<CancelReason>) -> u32 {
     match r {
         None => 0,
         Some(CancelReason::HostAbort) => 1,
         Some(CancelReason::ChannelFaulted) => 2,
-        Some(_) => 3,
+        Some(CancelReason::CallCancelled) => 3,
+        Some(CancelReason::DeadlineExceeded) => 4,
+        Some(other) => panic!("unknown reason {other:?}"),
     }
+}
+
+/// A reason's bit in a mask of possible reasons.
+fn bit(r: CancelReason) -> u32 {
+    1 << (code(Some(r)) - 1)
+}
+
+/// How long after its deadline an uncancelled call in flight counts as a lost
+/// deadline (R4 for deadlines). R7's 2 ms is for an idle machine; this run
+/// keeps every core busy, so only a lost expiry trips this.
+const DEADLINE_GRACE: Duration = Duration::from_secs(2);
+
+fn deadline_passed(rec: &Rec) -> bool {
+    rec.deadline.is_some_and(|d| Instant::now() >= d)
 }
 
 struct ChanInfo {
@@ -134,6 +192,8 @@ struct ChanInfo {
     channel: Channel,
     faults_started: AtomicUsize,
     faults_finished: AtomicUsize,
+    /// Faults of this channel running now (bumped before `faults_started`).
+    faults_active: AtomicUsize,
 }
 
 /// What the model knows about one call.
@@ -141,11 +201,29 @@ struct Rec {
     id: u64,
     chan: Option<Arc<ChanInfo>>,
     watch: CancelWatch,
+    deadline: Option<Instant>,
     phase: AtomicU32,
     cancels: AtomicU32,
     frees: AtomicU32,
     cb_reason: AtomicU32,
+    /// Per-call cancel requests ever issued for this call (bumped before the
+    /// request), by its context or a `Canceller` taken from it.
+    cc_req: AtomicU32,
+    /// Per-call cancel requests running now.
+    cc_active: AtomicU32,
+    /// Requests that returned `true` (R5: at most one, and only with
+    /// `CallCancelled` as the call's reason).
+    cc_won: AtomicU32,
+    /// The first reason anyone observed (`code`); every later observation
+    /// must agree (R5).
+    seen: AtomicU32,
+    /// What the model knows at the end: `code` of the final reason, or
+    /// `UNKNOWN` with the possible reasons in `maybe`.
+    outcome: AtomicU32,
+    maybe: AtomicU32,
 }
+
+const UNKNOWN: u32 = 99;
 
 #[derive(Default)]
 struct Counters {
@@ -166,6 +244,22 @@ struct Counters {
     idle_checks: AtomicU64,
     r4_checked: AtomicU64,
     r6_checked: AtomicU64,
+    cc_calls: AtomicU64,
+    cc_won: AtomicU64,
+    cancellers_taken: AtomicU64,
+    canceller_calls: AtomicU64,
+    canceller_won: AtomicU64,
+    stale_cancels: AtomicU64,
+    deadlines_past: AtomicU64,
+    deadlines_short: AtomicU64,
+    deadlines_far: AtomicU64,
+    lingered: AtomicU64,
+    expired_cb: AtomicU64,
+    deadline_probes: AtomicU64,
+    /// Worst probe latency past the deadline, in microseconds.
+    probe_late_us: AtomicU64,
+    stats_exact_rounds: AtomicU64,
+    stats_uncertain_calls: AtomicU64,
 }
 
 struct Round {
@@ -179,6 +273,27 @@ struct Round {
     active: AtomicUsize,
     /// Cancellers ever started (bumped after `active`).
     seq: AtomicU64,
+    /// Host-wide cancellers (abort, close) running now (bumped before
+    /// `aborts_started`/`closes_started`).
+    host_active: AtomicUsize,
+    /// `Canceller`s taken from calls of this round (live or long completed).
+    cancellers: Mutex<Vec<(Canceller, Arc<Rec>)>>,
+    /// Every refusal the round saw (`begin_call` and `open_channel`), for
+    /// `HostStats::refused`.
+    refusals: AtomicU64,
+    /// `begin_call`s refused while an abort/close (`[0]`) or a fault of
+    /// their channel (`[1]`) ran. This model found that a sweep meeting a
+    /// call inside `begin_call` (between the slot claim and the re-check)
+    /// counted it in `HostStats::cancelled` although `begin_call` then
+    /// refused it; the core now takes that count back, and the model allows
+    /// no excess (the races are counted for the figures only).
+    raced_refusals: [AtomicU64; 2],
+    /// Calls get deadlines this round (never under miri: the timer thread
+    /// sleeps there in interpreted time).
+    deadlines: bool,
+    /// One thread measures a deadline this round (`deadline_probe`).
+    probe: bool,
+    probe_fired: AtomicBool,
     aborts_started: AtomicUsize,
     aborts_finished: AtomicUsize,
     closes_started: AtomicUsize,
@@ -214,6 +329,11 @@ impl Round {
         self.aborts_started.load(SeqCst) + self.closes_started.load(SeqCst) > 0
     }
 
+    /// R5/R6/R7: `r` is a reason somebody raised for this call. Called when
+    /// the reason is observed, so a deadline must have passed by now (R7:
+    /// never early), and a `CallCancelled` needs a request on *this* call (a
+    /// stale `Canceller` of an earlier call in the same slot counts for that
+    /// call only: R6).
     fn reason_allowed(&self, rec: &Rec, r: CancelReason) -> bool {
         match r {
             CancelReason::HostAbort => self.host_abort_raised(),
@@ -221,7 +341,32 @@ impl Round {
                 .chan
                 .as_ref()
                 .is_some_and(|c| c.faults_started.load(SeqCst) > 0),
+            CancelReason::CallCancelled => rec.cc_req.load(SeqCst) > 0,
+            CancelReason::DeadlineExceeded => deadline_passed(rec),
             _ => false,
+        }
+    }
+
+    /// R5: every observation of a call's reason agrees with the first one,
+    /// and the reason is one somebody raised.
+    fn observe(&self, rec: &Rec, r: CancelReason, how: &str) {
+        self.check(self.reason_allowed(rec, r), || {
+            format!(
+                "R5/R7: call {} {how} {r:?} nobody raised (deadline {:?} vs now {:?}, cancel requests {})",
+                rec.id,
+                rec.deadline,
+                Instant::now(),
+                rec.cc_req.load(SeqCst)
+            )
+        });
+        let c = code(Some(r));
+        if let Err(prev) = rec.seen.compare_exchange(0, c, SeqCst, SeqCst) {
+            self.check(prev == c, || {
+                format!(
+                    "R5: call {} {how} {r:?} but earlier observed code {prev}",
+                    rec.id
+                )
+            });
         }
     }
 }
@@ -250,12 +395,10 @@ impl Tok {
                 rec.id
             )
         });
-        round.check(round.reason_allowed(rec, reason), || {
-            format!(
-                "R5: call {} cancelled with {reason:?} nobody raised",
-                rec.id
-            )
-        });
+        round.observe(rec, reason, "callback got");
+        if reason == CancelReason::DeadlineExceeded {
+            round.c.expired_cb.fetch_add(1, SeqCst);
+        }
         rec.cb_reason.store(code(Some(reason)), SeqCst);
         rec.phase.fetch_or(CB_DONE, SeqCst);
         round.c.cb_done.fetch_add(1, SeqCst);
@@ -317,11 +460,26 @@ struct Live {
     registered: bool,
 }
 
+/// What kind of deadline a call gets.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Dl {
+    None,
+    /// Already past at `begin`: in flight and cancelled at once.
+    Past,
+    /// 0–3 ms away: expires during the round if the call lives long enough.
+    Short,
+    /// A minute away: the call completes first; the timer never fires.
+    Far,
+}
+
 struct Worker {
     t: usize,
     round: Arc<Round>,
     rng: Rng,
     live: Vec<Live>,
+    /// Calls with a short deadline held until it passed (or the drain), so
+    /// the timer thread expires calls in flight.
+    lingering: Vec<Live>,
     chan: Option<Arc<ChanInfo>>,
     recs: Vec<Arc<Rec>>,
     watches: Vec<PendingWatch>,
@@ -365,12 +523,14 @@ impl Worker {
                     channel,
                     faults_started: AtomicUsize::new(0),
                     faults_finished: AtomicUsize::new(0),
+                    faults_active: AtomicUsize::new(0),
                 });
                 round.channels.lock().unwrap().push(Arc::clone(&info));
                 self.chan = Some(info);
                 true
             }
             Err(e) => {
+                round.refusals.fetch_add(1, SeqCst);
                 self.check_host_refusal(e);
                 false
             }
@@ -399,6 +559,18 @@ impl Worker {
         Some(Arc::clone(&chans[i]))
     }
 
+    fn pick_deadline(&mut self) -> Dl {
+        if !self.round.deadlines {
+            return Dl::None;
+        }
+        match self.rng.below(32) {
+            0..=1 => Dl::Past,
+            2..=5 => Dl::Short,
+            6 => Dl::Far,
+            _ => Dl::None,
+        }
+    }
+
     /// Returns false once the host refuses new work.
     fn begin_call(&mut self) -> bool {
         let round = Arc::clone(&self.round);
@@ -414,13 +586,32 @@ impl Worker {
             }
             self.chan.clone()
         };
+        let dl = self.pick_deadline();
+        let now = Instant::now();
+        let at = match dl {
+            Dl::None => None,
+            Dl::Past => Some(
+                now.checked_sub(Duration::from_micros(self.rng.below(1000)))
+                    .unwrap_or(now),
+            ),
+            Dl::Short => Some(now + Duration::from_micros(self.rng.below(3000))),
+            Dl::Far => Some(now + Duration::from_secs(60)),
+        };
         let seq0 = round.seq.load(SeqCst);
         let quiet0 = round.active.load(SeqCst) == 0;
+        let host0 = round.aborts_started.load(SeqCst) + round.closes_started.load(SeqCst);
+        let fault0 = chan.as_ref().map_or(0, |c| c.faults_started.load(SeqCst));
+        let host_busy = round.host_active.load(SeqCst) > 0;
+        let fault_busy = chan
+            .as_ref()
+            .is_some_and(|c| c.faults_active.load(SeqCst) > 0);
         let host_done = round.aborts_finished.load(SeqCst) + round.closes_finished.load(SeqCst);
         let fault_done = chan.as_ref().map_or(0, |c| c.faults_finished.load(SeqCst));
-        let res = match &chan {
-            Some(c) => c.channel.begin_call(),
-            None => round.host.begin_call(),
+        let res = match (&chan, at) {
+            (Some(c), None) => c.channel.begin_call(),
+            (Some(c), Some(at)) => c.channel.begin_call_with_deadline(at),
+            (None, None) => round.host.begin_call(),
+            (None, Some(at)) => round.host.begin_call_with_deadline(at),
         };
         match res {
             Ok(call) => {
@@ -432,27 +623,102 @@ impl Worker {
                     id: round.next_call.fetch_add(1, SeqCst),
                     chan: chan.clone(),
                     watch: call.watch(),
+                    deadline: at,
                     phase: AtomicU32::new(0),
                     cancels: AtomicU32::new(0),
                     frees: AtomicU32::new(0),
                     cb_reason: AtomicU32::new(0),
+                    cc_req: AtomicU32::new(0),
+                    cc_active: AtomicU32::new(0),
+                    cc_won: AtomicU32::new(0),
+                    seen: AtomicU32::new(0),
+                    outcome: AtomicU32::new(0),
+                    maybe: AtomicU32::new(0),
                 });
+                round.check(call.deadline() == at, || {
+                    format!(
+                        "call {}: deadline() {:?}, begun with {at:?}",
+                        rec.id,
+                        call.deadline()
+                    )
+                });
+                match dl {
+                    Dl::None => {}
+                    Dl::Past => {
+                        // R4/R7: a deadline already past gives a call in
+                        // flight and already cancelled (DeadlineExceeded,
+                        // unless a sweep got there first inside `begin`).
+                        round.c.deadlines_past.fetch_add(1, SeqCst);
+                        let r = call.cancel_reason();
+                        round.check(r.is_some(), || {
+                            format!(
+                                "R4/R7: call {} begun past its deadline is not cancelled",
+                                rec.id
+                            )
+                        });
+                        if let Some(r) = r {
+                            round.observe(&rec, r, "begun past its deadline has");
+                        }
+                    }
+                    Dl::Short => {
+                        round.c.deadlines_short.fetch_add(1, SeqCst);
+                    }
+                    Dl::Far => {
+                        round.c.deadlines_far.fetch_add(1, SeqCst);
+                    }
+                }
                 round.live[self.t]
                     .lock()
                     .unwrap()
                     .insert(rec.id, Arc::clone(&rec));
                 self.recs.push(Arc::clone(&rec));
-                self.live.push(Live {
+                let live = Live {
                     call,
                     rec,
                     seq0,
                     quiet0,
                     registered: false,
-                });
+                };
+                if dl == Dl::Short && self.lingering.len() < 8 && self.rng.chance(2) {
+                    // Held until its deadline passed: registered mostly, so
+                    // the timer thread runs callbacks.
+                    round.c.lingered.fetch_add(1, SeqCst);
+                    self.live.push(live);
+                    let i = self.live.len() - 1;
+                    if !self.rng.chance(4) {
+                        self.register(i);
+                    }
+                    let live = self.live.pop().unwrap();
+                    self.lingering.push(live);
+                } else {
+                    self.live.push(live);
+                }
                 true
             }
-            Err(Error::ChannelFaulted) => {
+            Err(e) => {
+                // A refusal that raced a sweep: see `Round::raced_refusals`.
+                if host_busy
+                    || round.aborts_started.load(SeqCst) + round.closes_started.load(SeqCst)
+                        != host0
+                {
+                    round.raced_refusals[0].fetch_add(1, SeqCst);
+                }
+                if fault_busy
+                    || chan.as_ref().map_or(0, |c| c.faults_started.load(SeqCst)) != fault0
+                {
+                    round.raced_refusals[1].fetch_add(1, SeqCst);
+                }
+                self.refused(chan, e)
+            }
+        }
+    }
+
+    fn refused(&mut self, chan: Option<Arc<ChanInfo>>, e: Error) -> bool {
+        let round = Arc::clone(&self.round);
+        match e {
+            Error::ChannelFaulted => {
                 round.c.refused.fetch_add(1, SeqCst);
+                round.refusals.fetch_add(1, SeqCst);
                 let c = chan.expect("host-scope calls never see ChannelFaulted");
                 round.check(c.faults_started.load(SeqCst) > 0, || {
                     format!("ChannelFaulted on channel {} nobody faulted", c.id)
@@ -461,8 +727,9 @@ impl Worker {
                 self.chan = None;
                 true
             }
-            Err(e) => {
+            e => {
                 round.c.refused.fetch_add(1, SeqCst);
+                round.refusals.fetch_add(1, SeqCst);
                 self.check_host_refusal(e);
                 false
             }
@@ -474,6 +741,9 @@ impl Worker {
         let with_free = self.rng.chance(2);
         let live = &mut self.live[i];
         let pre = live.call.cancel_reason();
+        if let Some(r) = pre {
+            round.observe(&live.rec, r, "before registering has");
+        }
         let tok = Tok {
             rec: Arc::clone(&live.rec),
             round: Arc::clone(&round),
@@ -575,6 +845,9 @@ impl Worker {
         let r2 = live.call.cancel_reason();
         let w = live.rec.watch.cancel_reason();
         let id = live.rec.id;
+        for r in [r1, r2, w].into_iter().flatten() {
+            round.observe(&live.rec, r, "polled");
+        }
         if let Some(r) = r1 {
             round.check(p == Poll::Ready(r) && r2 == Some(r), || {
                 format!("R5: call {id}: cancel_reason {r1:?}, cancelled() {p:?}, then {r2:?}")
@@ -599,6 +872,7 @@ impl Worker {
         let mut fut = Box::pin(live.rec.watch.cancelled());
         match fut.as_mut().poll(&mut Context::from_waker(&waker)) {
             Poll::Ready(Some(r)) => {
+                round.observe(&live.rec, r, "watch says");
                 let now = live.call.cancel_reason();
                 round.check(now == Some(r), || {
                     format!("R5: call {}: watch {r:?}, context {now:?}", live.rec.id)
@@ -617,17 +891,39 @@ impl Worker {
     }
 
     fn complete(&mut self, i: usize) {
-        let round = Arc::clone(&self.round);
         let live = self.live.swap_remove(i);
+        self.complete_live(live);
+    }
+
+    fn complete_live(&mut self, live: Live) {
+        let round = Arc::clone(&self.round);
         let rec = Arc::clone(&live.rec);
+        // Who could decide a cancellation between the read below and the
+        // completion: started counters first, then the running ones (a
+        // canceller bumps running before started).
+        let chan = rec.chan.as_ref();
+        let host0 = round.aborts_started.load(SeqCst) + round.closes_started.load(SeqCst);
+        let fault0 = chan.map_or(0, |c| c.faults_started.load(SeqCst));
+        let cc0 = rec.cc_req.load(SeqCst);
+        let host_busy = round.host_active.load(SeqCst) > 0;
+        let fault_busy = chan.is_some_and(|c| c.faults_active.load(SeqCst) > 0);
+        let cc_busy = rec.cc_active.load(SeqCst) > 0;
         let before = live.call.cancel_reason();
         if let Some(r) = before {
-            round.check(round.reason_allowed(&rec, r), || {
-                format!("R5: call {} has reason {r:?} nobody raised", rec.id)
-            });
+            round.observe(&rec, r, "has at completion");
             let cb = rec.cb_reason.load(SeqCst);
             round.check(cb == 0 || cb == code(Some(r)), || {
                 format!("R5: call {}: callback reason {cb} vs context {r:?}", rec.id)
+            });
+        } else if let Some(d) = rec.deadline {
+            // R4 for deadlines: not lost (generous bound, see DEADLINE_GRACE).
+            let now = Instant::now();
+            round.check(now < d + DEADLINE_GRACE, || {
+                format!(
+                    "R4/R7: call {} still uncancelled {:?} after its deadline",
+                    rec.id,
+                    now - d
+                )
             });
         }
         rec.phase.fetch_or(COMPLETING, SeqCst);
@@ -637,10 +933,40 @@ impl Worker {
             drop(live.call);
         }
         let seq1 = round.seq.load(SeqCst);
+        // Read after the completion: if the deadline had not passed by now,
+        // the timer never cancelled this call (R7: never early; R6 after).
+        let deadline_hit = deadline_passed(&rec);
+        rec.phase.fetch_or(DONE, SeqCst);
         round.live[self.t].lock().unwrap().remove(&rec.id);
-        if live.quiet0 && seq1 == live.seq0 {
-            // No canceller ran at any time in this call's life (R6 and no
-            // spurious cancellation).
+        // What the model knows of the call's final reason (for HostStats).
+        // A registered call's callback tells (read at the end of the round).
+        if let Some(r) = before {
+            rec.outcome.store(code(Some(r)), SeqCst);
+        } else if !live.registered {
+            let mut maybe = 0;
+            if host_busy
+                || round.aborts_started.load(SeqCst) + round.closes_started.load(SeqCst) != host0
+            {
+                maybe |= bit(CancelReason::HostAbort);
+            }
+            if fault_busy || chan.map_or(0, |c| c.faults_started.load(SeqCst)) != fault0 {
+                maybe |= bit(CancelReason::ChannelFaulted);
+            }
+            if cc_busy || rec.cc_req.load(SeqCst) != cc0 {
+                maybe |= bit(CancelReason::CallCancelled);
+            }
+            if deadline_hit {
+                maybe |= bit(CancelReason::DeadlineExceeded);
+            }
+            if maybe != 0 {
+                rec.outcome.store(UNKNOWN, SeqCst);
+                rec.maybe.store(maybe, SeqCst);
+            }
+        }
+        if live.quiet0 && seq1 == live.seq0 && rec.cc_req.load(SeqCst) == 0 && !deadline_hit {
+            // No canceller ran at any time in this call's life, nobody
+            // cancelled it alone and its deadline (if any) had not passed
+            // (R6 and no spurious cancellation).
             round.c.r6_checked.fetch_add(1, SeqCst);
             let ph = rec.phase.fetch_or(NO_CANCEL, SeqCst);
             round.check(before.is_none() && ph & CB_START == 0, || {
@@ -649,10 +975,12 @@ impl Worker {
         }
         if live.registered {
             // Freed at completion, unless a canceller claimed the callback:
-            // then that canceller frees and is still running.
+            // then that canceller frees and is still running. (Who runs is
+            // read before the phase: one that finished has freed by then.)
+            let cancellers = round.active.load(SeqCst) + rec.cc_active.load(SeqCst) as usize;
+            let timer = deadline_passed(&rec);
             let ph = rec.phase.load(SeqCst);
-            let cancellers = round.active.load(SeqCst);
-            round.check(ph & FREED != 0 || cancellers > 0, || {
+            round.check(ph & FREED != 0 || cancellers > 0 || timer, || {
                 format!(
                     "R2/R3: call {} not freed at completion and no canceller running",
                     rec.id
@@ -663,6 +991,189 @@ impl Worker {
                 format!("R2: unregistered call {} freed", rec.id)
             });
         }
+    }
+
+    /// The call's own `cancel()` (R5: true iff its CallCancelled won; then
+    /// a registered callback has run, here, with that reason).
+    fn cancel_own(&mut self, i: usize) {
+        let round = Arc::clone(&self.round);
+        round.c.cc_calls.fetch_add(1, SeqCst);
+        let live = &self.live[i];
+        let rec = &live.rec;
+        rec.cc_req.fetch_add(1, SeqCst);
+        rec.cc_active.fetch_add(1, SeqCst);
+        let won = live.call.cancel();
+        rec.cc_active.fetch_sub(1, SeqCst);
+        let r = live.call.cancel_reason();
+        round.check(r.is_some(), || {
+            format!("R4: call {} not cancelled after its own cancel()", rec.id)
+        });
+        if let Some(r) = r {
+            round.observe(rec, r, "after cancel() has");
+        }
+        if won {
+            round.c.cc_won.fetch_add(1, SeqCst);
+            let n = rec.cc_won.fetch_add(1, SeqCst);
+            round.check(n == 0, || {
+                format!(
+                    "R1/R5: two cancel() requests of call {} returned true",
+                    rec.id
+                )
+            });
+            round.check(r == Some(CancelReason::CallCancelled), || {
+                format!(
+                    "R5: call {}: cancel() returned true but the reason is {r:?}",
+                    rec.id
+                )
+            });
+            if live.registered {
+                let ph = rec.phase.load(SeqCst);
+                round.check(
+                    ph & CB_DONE != 0 && rec.cb_reason.load(SeqCst) == code(r),
+                    || {
+                        format!(
+                            "R4: call {}: cancel() won but its callback did not run",
+                            rec.id
+                        )
+                    },
+                );
+            }
+        }
+    }
+
+    fn take_canceller(&mut self, i: usize) {
+        let round = Arc::clone(&self.round);
+        round.c.cancellers_taken.fetch_add(1, SeqCst);
+        let live = &self.live[i];
+        let entry = (live.call.canceller(), Arc::clone(&live.rec));
+        let mut pool = round.cancellers.lock().unwrap();
+        if pool.len() >= 32 {
+            let j = self.rng.below(pool.len() as u64) as usize;
+            pool.swap_remove(j);
+        }
+        pool.push(entry);
+    }
+
+    /// A `Canceller` from the pool: of a call of any thread, in flight or
+    /// long completed (R6: a stale one returns false and touches nothing;
+    /// the call now in the same slot has no request of its own, so a
+    /// CallCancelled there is flagged by `reason_allowed`).
+    fn use_canceller(&mut self) {
+        let round = Arc::clone(&self.round);
+        let picked = {
+            let pool = round.cancellers.lock().unwrap();
+            if pool.is_empty() {
+                return;
+            }
+            // Half the time one of the newest (likely still in flight).
+            let len = pool.len() as u64;
+            let j = if self.rng.chance(2) {
+                len - 1 - self.rng.below(len.min(4))
+            } else {
+                self.rng.below(len)
+            } as usize;
+            let (c, rec) = &pool[j];
+            (c.clone(), Arc::clone(rec))
+        };
+        let (canceller, rec) = picked;
+        round.c.canceller_calls.fetch_add(1, SeqCst);
+        rec.cc_req.fetch_add(1, SeqCst);
+        rec.cc_active.fetch_add(1, SeqCst);
+        let done0 = rec.phase.load(SeqCst) & DONE != 0;
+        let won = canceller.cancel();
+        rec.cc_active.fetch_sub(1, SeqCst);
+        if done0 {
+            round.c.stale_cancels.fetch_add(1, SeqCst);
+            round.check(!won, || {
+                format!("R6: a Canceller of completed call {} returned true", rec.id)
+            });
+        }
+        if won {
+            round.c.canceller_won.fetch_add(1, SeqCst);
+            let n = rec.cc_won.fetch_add(1, SeqCst);
+            round.check(n == 0, || {
+                format!(
+                    "R1/R5: two cancel() requests of call {} returned true",
+                    rec.id
+                )
+            });
+            let (cb, ph) = (rec.cb_reason.load(SeqCst), rec.phase.load(SeqCst));
+            round.check(
+                cb == 0 || cb == code(Some(CancelReason::CallCancelled)),
+                || {
+                    format!(
+                        "R5: Canceller of call {} won but its callback saw code {cb}",
+                        rec.id
+                    )
+                },
+            );
+            round.check(ph & REG_OK == 0 || ph & CB_DONE != 0, || {
+                format!(
+                    "R4: Canceller of registered call {} won but no callback ran",
+                    rec.id
+                )
+            });
+        }
+    }
+
+    /// R4/R7 for deadlines, measured: a registered call whose deadline is
+    /// 0–300 us away is cancelled by the timer thread with DeadlineExceeded,
+    /// never before the deadline (checked in the callback), and not lost.
+    fn deadline_probe(&mut self) {
+        let round = Arc::clone(&self.round);
+        let at = Instant::now() + Duration::from_micros(self.rng.below(300));
+        let Ok(call) = round.host.begin_call_with_deadline(at) else {
+            round.refusals.fetch_add(1, SeqCst);
+            return;
+        };
+        round.c.begun.fetch_add(1, SeqCst);
+        round.c.deadline_probes.fetch_add(1, SeqCst);
+        let rec = Arc::new(Rec {
+            id: round.next_call.fetch_add(1, SeqCst),
+            chan: None,
+            watch: call.watch(),
+            deadline: Some(at),
+            phase: AtomicU32::new(0),
+            cancels: AtomicU32::new(0),
+            frees: AtomicU32::new(0),
+            cb_reason: AtomicU32::new(0),
+            cc_req: AtomicU32::new(0),
+            cc_active: AtomicU32::new(0),
+            cc_won: AtomicU32::new(0),
+            seen: AtomicU32::new(0),
+            outcome: AtomicU32::new(0),
+            maybe: AtomicU32::new(0),
+        });
+        round.live[self.t]
+            .lock()
+            .unwrap()
+            .insert(rec.id, Arc::clone(&rec));
+        self.recs.push(Arc::clone(&rec));
+        self.live.push(Live {
+            call,
+            rec: Arc::clone(&rec),
+            seq0: round.seq.load(SeqCst),
+            quiet0: false,
+            registered: false,
+        });
+        let i = self.live.len() - 1;
+        self.register(i);
+        let give_up = at + DEADLINE_GRACE;
+        while rec.phase.load(SeqCst) & CB_DONE == 0 && Instant::now() < give_up {
+            std::thread::yield_now();
+        }
+        let late = Instant::now().saturating_duration_since(at);
+        round.check(rec.phase.load(SeqCst) & CB_DONE != 0, || {
+            format!("R4/R7: deadline of call {} never fired", rec.id)
+        });
+        if rec.cb_reason.load(SeqCst) == code(Some(CancelReason::DeadlineExceeded)) {
+            round
+                .c
+                .probe_late_us
+                .fetch_max(late.as_micros() as u64, SeqCst);
+        }
+        let i = self.live.len() - 1;
+        self.complete(i);
     }
 
     /// The records in flight (begun, not yet completing), with their phase.
@@ -695,8 +1206,11 @@ impl Worker {
                 )
             });
             if ph0 & REG_OK != 0 && ph & CB_DONE == 0 {
+                // Another canceller claimed the callback and still runs it:
+                // a sweep, a per-call cancel or the timer thread.
                 let others = round.active.load(SeqCst);
-                round.check(others >= 2, || {
+                let per_call = rec.cc_active.load(SeqCst) > 0 || deadline_passed(&rec);
+                round.check(others >= 2 || per_call, || {
                     format!(
                         "A1: {what} returned before the callback of registered call {} ran",
                         rec.id
@@ -721,6 +1235,7 @@ impl Worker {
         };
         let round = Arc::clone(&self.round);
         self.start_canceller();
+        c.faults_active.fetch_add(1, SeqCst);
         c.faults_started.fetch_add(1, SeqCst);
         let snap = self.snapshot(Some(c.id));
         c.channel.fault();
@@ -728,15 +1243,18 @@ impl Worker {
         round.c.faults.fetch_add(1, SeqCst);
         round.check(c.channel.is_faulted(), || "fault: not is_faulted".into());
         self.check_cancelled("fault", snap);
+        round.refusals.fetch_add(1, SeqCst);
         round.check(c.channel.begin_call().is_err(), || {
             "A1: faulted channel accepted a call".into()
         });
+        c.faults_active.fetch_sub(1, SeqCst);
         self.end_canceller();
     }
 
     fn abort(&mut self) {
         let round = Arc::clone(&self.round);
         self.start_canceller();
+        round.host_active.fetch_add(1, SeqCst);
         round.aborts_started.fetch_add(1, SeqCst);
         let snap = self.snapshot(None);
         round.host.abort();
@@ -747,9 +1265,11 @@ impl Worker {
             format!("A1: state {s:?} after abort")
         });
         self.check_cancelled("abort", snap);
+        round.refusals.fetch_add(1, SeqCst);
         round.check(round.host.open_channel().is_err(), || {
             "A1: open_channel after abort".into()
         });
+        round.host_active.fetch_sub(1, SeqCst);
         self.end_canceller();
     }
 
@@ -761,8 +1281,12 @@ impl Worker {
             while !self.live.is_empty() {
                 self.complete(0);
             }
+            while let Some(l) = self.lingering.pop() {
+                self.complete_live(l);
+            }
         }
         self.start_canceller();
+        round.host_active.fetch_add(1, SeqCst);
         round.closes_started.fetch_add(1, SeqCst);
         let snap = self.snapshot(None);
         let res = round.host.close(Duration::from_micros(micros));
@@ -789,6 +1313,7 @@ impl Worker {
             }
             Err(e) => round.violation(format!("close returned {e:?}")),
         }
+        round.host_active.fetch_sub(1, SeqCst);
         self.end_canceller();
     }
 
@@ -847,12 +1372,41 @@ impl Worker {
                     self.poll_cancelled(i);
                 } else if roll < 720 {
                     self.add_watch(i);
-                } else {
+                } else if roll < 750 {
                     self.poll_cancelled(i);
+                } else if roll < 765 {
+                    self.cancel_own(i);
+                } else if roll < 785 {
+                    self.take_canceller(i);
+                } else {
+                    self.use_canceller();
                 }
             } else if roll < 820 && n > 0 {
                 let i = self.rng.below(n as u64) as usize;
                 self.add_watch(i);
+            } else if roll < 826 && n > 0 {
+                // Also before registering (R4: then the callback runs inside
+                // the registration).
+                let i = self.rng.below(n as u64) as usize;
+                if roll < 823 {
+                    self.cancel_own(i);
+                } else {
+                    self.take_canceller(i);
+                }
+            } else if roll < 840 && !self.lingering.is_empty() {
+                // Complete the lingering calls whose deadline passed.
+                let now = Instant::now();
+                let mut j = 0;
+                while j < self.lingering.len() {
+                    if self.lingering[j].rec.deadline.is_some_and(|d| now >= d) {
+                        let l = self.lingering.swap_remove(j);
+                        self.complete_live(l);
+                    } else {
+                        j += 1;
+                    }
+                }
+            } else if roll == 840 && round.probe && !round.probe_fired.swap(true, SeqCst) {
+                self.deadline_probe();
             } else if self.rng.chance(round.fault_one_in) {
                 self.fault();
             } else if roll > 990 && self.rng.chance(20) {
@@ -869,6 +1423,9 @@ impl Worker {
             let i = self.rng.below(self.live.len() as u64) as usize;
             self.complete(i);
         }
+        while let Some(l) = self.lingering.pop() {
+            self.complete_live(l);
+        }
         (self.recs, self.watches)
     }
 }
@@ -883,12 +1440,122 @@ fn add(into: &AtomicU64, from: &AtomicU64) {
     into.fetch_add(from.load(SeqCst), SeqCst);
 }
 
+/// `HostStats` against the model, at the end of a round (every call
+/// completed, every canceller returned): `refused` and `in_flight` exactly;
+/// `cancelled(reason)` exactly for every call whose fate the model knows (a
+/// registered call's callback tells; an unregistered one's reason read at
+/// completion, or nobody able to cancel it in between; a `cancel()` that
+/// returned true means CallCancelled), and within the possible reasons of
+/// the few calls a canceller raced at completion.
+fn check_stats(round: &Round, recs: &[Arc<Rec>]) {
+    let cc = code(Some(CancelReason::CallCancelled));
+    let mut exact = [0u64; 4];
+    let mut possible = [0u64; 4];
+    let mut uncertain = 0u64;
+    for rec in recs {
+        let (ph, won, seen) = (
+            rec.phase.load(SeqCst),
+            rec.cc_won.load(SeqCst),
+            rec.seen.load(SeqCst),
+        );
+        round.check(won <= 1, || {
+            format!(
+                "R5: {won} cancel() requests of call {} returned true",
+                rec.id
+            )
+        });
+        let (mut fate, mut maybe) = if ph & REG_OK != 0 {
+            let cb = rec.cb_reason.load(SeqCst);
+            let at_completion = rec.outcome.load(SeqCst);
+            round.check(at_completion == 0 || at_completion == cb, || {
+                format!(
+                    "R5: call {}: reason {at_completion} at completion, callback {cb}",
+                    rec.id
+                )
+            });
+            (cb, 0)
+        } else {
+            (rec.outcome.load(SeqCst), rec.maybe.load(SeqCst))
+        };
+        if fate == UNKNOWN {
+            if won == 1 {
+                fate = cc;
+            } else {
+                maybe &= !bit(CancelReason::CallCancelled);
+                if maybe == 0 {
+                    fate = 0;
+                }
+            }
+        }
+        if fate == UNKNOWN {
+            round.check(seen == 0, || {
+                format!("call {} observed cancelled but unknown at the end", rec.id)
+            });
+            uncertain += 1;
+            for (k, r) in REASONS.iter().enumerate() {
+                if maybe & bit(*r) != 0 {
+                    possible[k] += 1;
+                }
+            }
+            continue;
+        }
+        round.check(seen == 0 || seen == fate, || {
+            format!(
+                "R5: call {} observed code {seen}, ended with {fate}",
+                rec.id
+            )
+        });
+        round.check((won == 1) == (fate == cc), || {
+            format!(
+                "R5: call {}: {won} cancel() returned true, final reason code {fate}",
+                rec.id
+            )
+        });
+        if fate != 0 {
+            exact[fate as usize - 1] += 1;
+        }
+    }
+    let _ = (&round.raced_refusals, &mut possible, &mut uncertain);
+    let stats = round.host.stats();
+    round.check(stats.in_flight == 0, || {
+        format!("HostStats: in_flight {}", stats.in_flight)
+    });
+    let refused = round.refusals.load(SeqCst);
+    round.check(stats.refused == refused, || {
+        format!(
+            "HostStats: refused {}, the model saw {refused}",
+            stats.refused
+        )
+    });
+    let mut total = 0;
+    for (k, r) in REASONS.iter().enumerate() {
+        let got = stats.cancelled(*r);
+        total += got;
+        round.check(got >= exact[k] && got <= exact[k] + possible[k], || {
+            format!(
+                "HostStats: cancelled({r:?}) = {got}, the model saw {} (+ up to {} raced)",
+                exact[k], possible[k]
+            )
+        });
+    }
+    let known: u64 = exact.iter().sum();
+    round.check(total >= known && total <= known + uncertain, || {
+        format!("HostStats: {total} cancelled in all, the model saw {known} (+ up to {uncertain} raced)")
+    });
+    if total == known {
+        round.c.stats_exact_rounds.fetch_add(1, SeqCst);
+    }
+    round.c.stats_uncertain_calls.fetch_add(uncertain, SeqCst);
+}
+
 fn run_round(cfg: &Config, index: u64, quota: u64, totals: &Totals) {
     let seed = mix(cfg.seed, index);
     let mut rng = Rng::new(seed);
     let host = ServiceHost::new();
     let abort_at = rng.chance(2).then(|| rng.below(quota));
     let close_at = rng.chance(3).then(|| (rng.below(quota), rng.below(2000)));
+    // Most rounds mix in deadlines; some run without, as before.
+    let deadlines = !cfg!(miri) && !rng.chance(4);
     let round = Arc::new(Round {
         seed: cfg.seed,
         index,
@@ -898,6 +1565,13 @@ fn run_round(cfg: &Config, index: u64, quota: u64, totals: &Totals) {
         next_call: AtomicU64::new(0),
         active: AtomicUsize::new(0),
         seq: AtomicU64::new(0),
+        host_active: AtomicUsize::new(0),
+        cancellers: Mutex::new(Vec::new()),
+        refusals: AtomicU64::new(0),
+        raced_refusals: [AtomicU64::new(0), AtomicU64::new(0)],
+        deadlines,
+        probe: deadlines && rng.chance(4),
+        probe_fired: AtomicBool::new(false),
         aborts_started: AtomicUsize::new(0),
         aborts_finished: AtomicUsize::new(0),
         closes_started: AtomicUsize::new(0),
@@ -923,6 +1597,7 @@ fn run_round(cfg: &Config, index: u64, quota: u64, totals: &Totals) {
                 round: Arc::clone(&round),
                 rng: Rng::new(mix(seed, t as u64 + 1)),
                 live: Vec::new(),
+                lingering: Vec::new(),
                 chan: None,
                 recs: Vec::new(),
                 watches: Vec::new(),
@@ -952,7 +1627,12 @@ fn run_round(cfg: &Config, index: u64, quota: u64, totals: &Totals) {
             }
         }
     }
-    // End of round: everything completed and every canceller returned.
+    // End of round: every owner completed and every canceller thread of the
+    // round returned; a deadline callback may still run on the crate's
+    // runner threads (they free the call when it returns): wait for idle.
+    round.check(round.host.wait_idle(Duration::from_secs(10)), || {
+        "A2: not idle 10 s after every call completed".into()
+    });
     for rec in &recs {
         let (ph, frees, cancels) = (
             rec.phase.load(SeqCst),
@@ -1003,6 +1683,13 @@ fn run_round(cfg: &Config, index: u64, quota: u64, totals: &Totals) {
     round.check(reg == frees, || {
         format!("R2: {reg} registrations, {frees} frees")
     });
+    // R6: every Canceller taken this round names a completed call now.
+    for (c, rec) in round.cancellers.lock().unwrap().iter() {
+        round.check(c.is_finished() && !c.cancel(), || {
+            format!("R6: Canceller of completed call {} still live", rec.id)
+        });
+    }
+    check_stats(&round, &recs);
     host.abort();
     round.check(host.close(Duration::from_secs(10)) == Ok(()), || {
         "A2: final close failed".into()
@@ -1037,9 +1724,25 @@ fn run_round(cfg: &Config, index: u64, quota: u64, totals: &Totals) {
         (&t.idle_checks, &c.idle_checks),
         (&t.r4_checked, &c.r4_checked),
         (&t.r6_checked, &c.r6_checked),
+        (&t.cc_calls, &c.cc_calls),
+        (&t.cc_won, &c.cc_won),
+        (&t.cancellers_taken, &c.cancellers_taken),
+        (&t.canceller_calls, &c.canceller_calls),
+        (&t.canceller_won, &c.canceller_won),
+        (&t.stale_cancels, &c.stale_cancels),
+        (&t.deadlines_past, &c.deadlines_past),
+        (&t.deadlines_short, &c.deadlines_short),
+        (&t.deadlines_far, &c.deadlines_far),
+        (&t.lingered, &c.lingered),
+        (&t.expired_cb, &c.expired_cb),
+        (&t.deadline_probes, &c.deadline_probes),
+        (&t.stats_exact_rounds, &c.stats_exact_rounds),
+        (&t.stats_uncertain_calls, &c.stats_uncertain_calls),
     ] {
         add(a, b);
     }
+    t.probe_late_us
+        .fetch_max(c.probe_late_us.load(SeqCst), SeqCst);
 }
 
 #[test]
@@ -1090,6 +1793,27 @@ fn randomized_stress_against_the_model() {
         c.r4_checked.load(SeqCst),
         c.r6_checked.load(SeqCst),
         cfg.seed,
+    );
+    println!(
+        "stress: per-call: {} cancel() ({} won), {} cancellers taken, {} Canceller::cancel ({} won, {} stale); \
+         deadlines: {} past, {} short ({} held to expiry), {} far, {} DeadlineExceeded callbacks, \
+         {} probes (latest {} us after the deadline); HostStats exact in {rounds_exact} of {rounds} rounds \
+         ({} calls raced at completion, checked within bounds)",
+        c.cc_calls.load(SeqCst),
+        c.cc_won.load(SeqCst),
+        c.cancellers_taken.load(SeqCst),
+        c.canceller_calls.load(SeqCst),
+        c.canceller_won.load(SeqCst),
+        c.stale_cancels.load(SeqCst),
+        c.deadlines_past.load(SeqCst),
+        c.deadlines_short.load(SeqCst),
+        c.lingered.load(SeqCst),
+        c.deadlines_far.load(SeqCst),
+        c.expired_cb.load(SeqCst),
+        c.deadline_probes.load(SeqCst),
+        c.probe_late_us.load(SeqCst),
+        c.stats_uncertain_calls.load(SeqCst),
+        rounds_exact = c.stats_exact_rounds.load(SeqCst),
     );
     if cfg.only_round.is_none() {
         assert!(c.begun.load(SeqCst) >= cfg.calls, "fewer calls than asked");

@@ -65,3 +65,58 @@ pub fn call_in_place(mut v: Vec<Box<dyn FnMut() + Send>>) -> Vec<Box<dyn FnMut()
     }
     v
 }
+
+/// A sibling thread of this process kept busy on the other core while it
+/// lives, as a server's other worker threads are (the W1–W4 groups run with
+/// one, DESIGN.md "Performance targets"). It spins on arithmetic and on
+/// atomics of its own cache line, so it shares nothing with the measured
+/// code except the machine. Started by [`BusySibling::start`], stopped and
+/// joined on drop.
+pub struct BusySibling {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl BusySibling {
+    pub fn start() -> Self {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = std::sync::Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("busy-sibling".into())
+            .spawn(move || {
+                // Its own line: no false sharing with anything measured.
+                #[repr(align(128))]
+                struct Line(AtomicU64);
+                let line = Line(AtomicU64::new(0));
+                let mut x = 0x9e37_79b9_7f4a_7c15u64;
+                let mut rounds = 0u64;
+                while !flag.load(Ordering::Relaxed) {
+                    for _ in 0..256 {
+                        // xorshift: a few dependent ALU ops per step.
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                    }
+                    line.0.fetch_add(black_box(x) & 0xff, Ordering::Relaxed);
+                    rounds += 1;
+                }
+                black_box(line.0.load(Ordering::Relaxed));
+                rounds
+            })
+            .expect("spawn the busy sibling");
+        BusySibling {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for BusySibling {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -119,12 +119,26 @@ impl ChannelShared {
     /// finishing phase (module docs). The caller must hold a strong
     /// reference of its own.
     pub(crate) fn try_dispose(&self) {
+        self.try_dispose_from(None);
+    }
+
+    /// As [`ChannelShared::try_dispose`], scanning from `start` (a freer's
+    /// own slot) onwards.
+    fn try_dispose_from(&self, start: Option<&CallSlot>) {
         if !self.is_orphaned() {
             return;
         }
+        if self.slab.never_used() {
+            // No segment was ever grown: no call can be in flight (a call's
+            // segment publication precedes its handle's decrement, which
+            // precedes ours in the handle count's release sequence).
+            self.drop_keepalive();
+            return;
+        }
+        let walk = self.slab.walk();
         'scan: loop {
             let mut seen = None;
-            let found = self.slab.find_slot(|slot| {
+            let found = self.slab.find_slot_from(&walk, start, |slot| {
                 // Ordering: SeqCst, after our handle decrement (module docs).
                 let s = slot.state.load(Ordering::SeqCst);
                 seen = Some(s);
@@ -156,6 +170,12 @@ impl ChannelShared {
                 }
             }
         }
+        drop(walk);
+        self.drop_keepalive();
+    }
+
+    /// Drops the calls' keepalive reference, once (the disposal).
+    fn drop_keepalive(&self) {
         // Ordering: AcqRel; the swap makes exactly one disposer own the
         // reference, and orders every freer's release before the drop.
         let raw = self.keepalive.swap(ptr::null_mut(), Ordering::AcqRel);
@@ -250,8 +270,14 @@ impl ChannelShared {
         self.host.count_refused();
         // SAFETY: we occupy `slot` (just claimed) and it is ours to finish.
         let slot = unsafe { slot.as_ref() };
-        // Nothing registered, nobody parked: no user code runs.
-        drop(self.complete(slot));
+        // Nothing registered, nobody parked: no user code runs. A sweep may
+        // have marked (and counted) this call before our re-check refused
+        // it: the user never saw the call, so it is not counted cancelled.
+        let (panic, reason) = self.complete_reporting(slot);
+        drop(panic);
+        if let Some(reason) = reason {
+            self.host.uncount_cancel(reason);
+        }
     }
 
     /// Marks the channel faulted and cancels its calls with `ChannelFaulted`
@@ -271,12 +297,15 @@ impl ChannelShared {
     /// decided first, whose `mark_started` it waits for (A1, issue 12 #3).
     /// The caller holds a strong reference.
     pub(crate) fn sweep(&self, reason: CancelReason, panics: &mut FirstPanic) {
-        self.slab.for_each_slot(|slot| {
+        let walk = self.slab.walk();
+        let mut occupied = 0;
+        self.slab.for_each_slot(&walk, |slot| {
             // Ordering: SeqCst, second half of the R4 Dekker pair.
             let snap = slot.state.load(Ordering::SeqCst);
             if !snap.is_occupied() {
                 return;
             }
+            occupied += 1;
             let gen = snap.generation();
             let now = if snap.is_cancelled() || snap.is_completed() {
                 snap
@@ -290,6 +319,8 @@ impl ChannelShared {
                 slot.state.wait_started(gen);
             }
         });
+        // Cost follows the live load: give back a burst's segments.
+        self.slab.shrink(&walk, occupied);
     }
 
     /// Cancels generation `gen` of `slot` alone with `reason`: decide, run
@@ -308,28 +339,66 @@ impl ChannelShared {
             CancelOutcome::Skipped { now } => Err(now),
             CancelOutcome::Marked { wake } => {
                 self.host.count_cancel(reason);
-                panics.record(self.wake_waiters(slot, wake));
+                panics.record(self.wake_waiters(slot, wake, Some(reason)));
                 Ok(())
             }
             CancelOutcome::Claimed { wake } => {
                 self.host.count_cancel(reason);
-                {
-                    let _user = UserCode::enter(&self.host);
-                    // SAFETY: `request_cancel` returned `Claimed`: this thread
-                    // alone may run the callback until `finish_cancel`.
-                    panics.record(unsafe { slot.run_callback(reason) });
-                }
-                // Before `finish_cancel`: the slot cannot be released (and
-                // reused) while we still wake its waiters.
-                panics.record(self.wake_waiters(slot, wake));
-                if let AfterCallback::CancellerFrees { word } = slot.state.finish_cancel() {
-                    // Right after the freer-deciding SeqCst RMW.
-                    let after = self.after_release_duties();
-                    panics.record(self.free(slot, true));
-                    panics.record(self.release(slot, word, after));
-                }
+                self.run_claimed(slot, reason, wake, panics);
                 Ok(())
             }
+        }
+    }
+
+    /// As [`ChannelShared::cancel_slot`], but a callback to run is handed
+    /// back as a [`Claimed`] job instead of run here (the timer thread must
+    /// not run user code that may block: `engine/deadline.rs`).
+    pub(crate) fn decide_cancel(
+        &self,
+        slot: &CallSlot,
+        gen: u64,
+        reason: CancelReason,
+        panics: &mut FirstPanic,
+    ) -> Option<Claimed> {
+        match slot.state.request_cancel(gen, reason) {
+            CancelOutcome::Skipped { .. } => None,
+            CancelOutcome::Marked { wake } => {
+                self.host.count_cancel(reason);
+                panics.record(self.wake_waiters(slot, wake, Some(reason)));
+                None
+            }
+            CancelOutcome::Claimed { wake } => {
+                self.host.count_cancel(reason);
+                Some(Claimed { reason, wake })
+            }
+        }
+    }
+
+    /// Runs a callback this thread claimed: invoke it, wake the waiters,
+    /// and free if the owner completed meanwhile. The slot stays occupied
+    /// until `finish_cancel`, and the channel alive (the caller's duty).
+    pub(crate) fn run_claimed(
+        &self,
+        slot: &CallSlot,
+        reason: CancelReason,
+        wake: Snapshot,
+        panics: &mut FirstPanic,
+    ) {
+        {
+            let _user = UserCode::enter(&self.host);
+            // SAFETY: `request_cancel` returned `Claimed` to our caller, who
+            // handed the right to run the callback to us alone, until
+            // `finish_cancel`.
+            panics.record(unsafe { slot.run_callback(reason) });
+        }
+        // Before `finish_cancel`: the slot cannot be released (and reused)
+        // while we still wake its waiters.
+        panics.record(self.wake_waiters(slot, wake, Some(reason)));
+        if let AfterCallback::CancellerFrees { word } = slot.state.finish_cancel() {
+            // Right after the freer-deciding SeqCst RMW.
+            let after = self.after_release_duties();
+            panics.record(self.free(slot, true));
+            panics.record(self.release(slot, word, after));
         }
     }
 
@@ -384,22 +453,30 @@ impl ChannelShared {
     /// The owner completes the call in `slot` (its `Call` drops). Returns the
     /// first panic of user code run here (free-state, wakers).
     #[must_use]
+    #[inline]
     pub(crate) fn complete(&self, slot: &CallSlot) -> Option<Panic> {
+        self.complete_reporting(slot).0
+    }
+
+    /// [`ChannelShared::complete`], also reporting the reason the call was
+    /// cancelled with, if any.
+    #[inline]
+    fn complete_reporting(&self, slot: &CallSlot) -> (Option<Panic>, Option<CancelReason>) {
         let Completion::OwnerFrees { prev } = slot.state.complete() else {
             // A canceller's callback still runs: it frees and releases.
-            return None;
+            return (None, None);
         };
         // Right after the freer-deciding SeqCst RMW.
         let after = self.after_release_duties();
         let mut panics = FirstPanic::default();
         // Watches still parked learn that the call finished.
-        panics.record(self.wake_waiters(slot, prev));
+        panics.record(self.wake_waiters(slot, prev, None));
         if prev.is_registered() {
             panics.record(self.free(slot, prev.is_cancelled()));
         }
         self.slab.note_released(slot);
         panics.record(self.release(slot, prev.with_completed(), after));
-        panics.into_inner()
+        (panics.into_inner(), prev.reason())
     }
 
     /// Runs a registration's free-state (the caller is the freer).
@@ -415,9 +492,14 @@ impl ChannelShared {
     /// A waker whose `wake` panics is caught; the first panic is returned.
     #[must_use]
     #[inline]
-    pub(crate) fn wake_waiters(&self, slot: &CallSlot, seen: Snapshot) -> Option<Panic> {
+    pub(crate) fn wake_waiters(
+        &self,
+        slot: &CallSlot,
+        seen: Snapshot,
+        decided: Option<CancelReason>,
+    ) -> Option<Panic> {
         if seen.has(WAITER) || seen.has(OVERFLOW) {
-            self.wake_waiters_slow(slot, seen)
+            self.wake_waiters_slow(slot, seen, decided)
         } else {
             None
         }
@@ -425,15 +507,23 @@ impl ChannelShared {
 
     #[cold]
     #[inline(never)]
-    fn wake_waiters_slow(&self, slot: &CallSlot, seen: Snapshot) -> Option<Panic> {
+    fn wake_waiters_slow(
+        &self,
+        slot: &CallSlot,
+        seen: Snapshot,
+        decided: Option<CancelReason>,
+    ) -> Option<Panic> {
         let mut first = FirstPanic::default();
         if seen.has(WAITER) {
             first.record(catch(|| slot.waker.wake()));
         }
         if seen.has(OVERFLOW) {
-            // Taken under the lock, woken outside it.
-            for (_, waker) in self.overflow.take(slot_key(slot)) {
-                first.record(catch(|| waker.wake()));
+            // Taken under the lock, woken outside it. A watch of this
+            // generation is left the reason first (R5: it may poll again
+            // only after the call completed).
+            let (generation, reason) = (seen.generation(), decided.or(seen.reason()));
+            for entry in self.overflow.take(slot_key(slot)) {
+                first.record(catch(|| entry.wake(generation, reason)));
             }
         }
         first.into_inner()
@@ -460,7 +550,7 @@ impl ChannelShared {
                 // SAFETY: the `DUTY` setter handed us a strong reference
                 // counted on the keepalive pointer (`try_dispose`,
                 // `census_for_wait`).
-                Released::Duty => Self::run_duties(unsafe { Arc::from_raw(me) }),
+                Released::Duty => Self::run_duties(unsafe { Arc::from_raw(me) }, slot),
             };
         }
         self.release_with_duties(slot, word)
@@ -477,20 +567,21 @@ impl ChannelShared {
             Released::Duty => Some(unsafe { Arc::from_raw(Arc::as_ptr(&held)) }),
         };
         drop(handed);
-        Self::run_duties(held)
+        Self::run_duties(held, slot)
     }
 
     /// The release duties: wake idle waiters, dispose of an orphaned
-    /// channel. Runs on a strong reference.
+    /// channel (scanning from the slot just released). Runs on a strong
+    /// reference, which keeps `slot`'s memory alive.
     #[cold]
-    fn run_duties(this: Arc<Self>) -> Option<Panic> {
+    fn run_duties(this: Arc<Self>, slot: &CallSlot) -> Option<Panic> {
         let panic = if this.host.idle_watched() {
             this.host.notify_idle()
         } else {
             None
         };
         if this.is_orphaned() {
-            this.try_dispose();
+            this.try_dispose_from(Some(slot));
         }
         panic
     }
@@ -505,8 +596,9 @@ impl ChannelShared {
     /// (`DUTY`), since that freer may have looked before the waiter came.
     /// The caller holds a strong reference.
     pub(crate) fn census_for_wait(&self) -> usize {
+        let walk = self.slab.walk();
         let mut busy = 0;
-        self.slab.for_each_slot(|slot| loop {
+        self.slab.for_each_slot(&walk, |slot| loop {
             // Ordering: SeqCst, the waiter side of the idle Dekker pair.
             let s = slot.state.load(Ordering::SeqCst);
             if !s.is_occupied() {
@@ -539,8 +631,17 @@ impl ChannelShared {
                 }
             }
         });
+        self.slab.shrink(&walk, busy);
         busy
     }
+}
+
+/// A callback claimed by [`ChannelShared::decide_cancel`], to be run with
+/// [`ChannelShared::run_claimed`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Claimed {
+    pub(crate) reason: CancelReason,
+    pub(crate) wake: Snapshot,
 }
 
 /// The key of a slot in the overflow lists.

@@ -29,6 +29,7 @@ use std::time::Instant;
 
 use crate::engine::channel::ChannelShared;
 use crate::slot::CallSlot;
+use crate::store::slab::SlotRef;
 use crate::store::timer::{Expiry, Timer, TimerKey};
 use crate::sync::{Arc, AtomicU8, AtomicWaker, Ordering};
 use crate::value::panic::FirstPanic;
@@ -40,7 +41,7 @@ pub(crate) enum TimerEntry {
     Deadline {
         /// The keepalive pointer of the call's channel.
         channel: NonNull<ChannelShared>,
-        slot: NonNull<CallSlot>,
+        slot: SlotRef,
         generation: u64,
     },
     /// A [`Sleep`] to wake.
@@ -56,14 +57,11 @@ unsafe impl Send for TimerEntry {}
 pub(crate) enum Fired {
     Deadline {
         channel: Arc<ChannelShared>,
-        slot: NonNull<CallSlot>,
+        slot: SlotRef,
         generation: u64,
     },
     Wake(Arc<SleepShared>),
 }
-
-// SAFETY: as for `TimerEntry`; `slot` lives as long as `channel`'s slab.
-unsafe impl Send for Fired {}
 
 impl Expiry for TimerEntry {
     type Fired = Fired;
@@ -94,18 +92,158 @@ impl Expiry for TimerEntry {
                 slot,
                 generation,
             } => {
-                // SAFETY: the slab lives as long as `channel`.
-                let slot = unsafe { slot.as_ref() };
                 let mut panics = FirstPanic::default();
-                let _ = channel.cancel_slot(
-                    slot,
-                    generation,
-                    CancelReason::DeadlineExceeded,
-                    &mut panics,
-                );
+                // Decided here, on time (R7); a segment given back means the
+                // call is long finished. A claimed callback may block: it
+                // runs on a runner thread, never on the timer's.
+                let claimed = slot.with(&channel.slab, |slot| {
+                    channel.decide_cancel(
+                        slot,
+                        generation,
+                        CancelReason::DeadlineExceeded,
+                        &mut panics,
+                    )
+                });
+                if let Some(Some(claimed)) = claimed {
+                    runners::submit(Job {
+                        channel,
+                        slot,
+                        claimed,
+                    });
+                }
                 panics.resume();
             }
             Fired::Wake(sleep) => sleep.fire(),
+        }
+    }
+}
+
+/// A deadline's claimed callback, to run off the timer thread.
+pub(crate) struct Job {
+    channel: Arc<ChannelShared>,
+    slot: SlotRef,
+    claimed: crate::engine::channel::Claimed,
+}
+
+impl Job {
+    fn run(self) {
+        let mut panics = FirstPanic::default();
+        let Job {
+            channel,
+            slot,
+            claimed,
+        } = self;
+        // The slot stays occupied until the job's `finish_cancel`, so its
+        // segment is still published.
+        let _ = slot.with(&channel.slab, |slot| {
+            channel.run_claimed(slot, claimed.reason, claimed.wake, &mut panics)
+        });
+        // Nobody to re-raise to: a callback's panic is dropped here.
+        drop(panics.into_inner());
+    }
+}
+
+/// The threads that run deadline callbacks: started on demand (one more
+/// whenever a job arrives and none is idle, up to `MAX`), each leaving
+/// after `IDLE_EXIT` without work. A callback that blocks therefore delays
+/// neither the timer (every other deadline and `close_async`'s timeout) nor,
+/// while fewer than `MAX` block at once, other callbacks. Under loom the
+/// job runs inline (no threads).
+mod runners {
+    use super::Job;
+
+    #[cfg(loom)]
+    pub(super) fn submit(job: Job) {
+        job.run();
+    }
+
+    #[cfg(not(loom))]
+    pub(super) use pool::submit;
+
+    #[cfg(not(loom))]
+    mod pool {
+        use super::Job;
+        use std::collections::VecDeque;
+        use std::sync::{Condvar, Mutex, PoisonError};
+        use std::time::Duration;
+
+        const MAX: usize = 256;
+        const IDLE_EXIT: Duration = Duration::from_secs(10);
+
+        #[derive(Default)]
+        struct Queue {
+            jobs: VecDeque<Job>,
+            idle: usize,
+            threads: usize,
+        }
+
+        static QUEUE: Mutex<Queue> = Mutex::new(Queue {
+            jobs: VecDeque::new(),
+            idle: 0,
+            threads: 0,
+        });
+        static WORK: Condvar = Condvar::new();
+
+        pub(in super::super) fn submit(job: Job) {
+            let mut q = QUEUE.lock().unwrap_or_else(PoisonError::into_inner);
+            q.jobs.push_back(job);
+            if q.jobs.len() <= q.idle {
+                // An idle runner will take it.
+                drop(q);
+                WORK.notify_one();
+                return;
+            }
+            if q.threads >= MAX {
+                return; // all busy: the next free runner takes it
+            }
+            q.threads += 1;
+            drop(q);
+            let spawned = std::thread::Builder::new()
+                .name("callcancel-deadline".into())
+                .spawn(work);
+            if spawned.is_err() {
+                // No thread to be had: run what is queued here, on the
+                // timer thread (late rather than never).
+                QUEUE.lock().unwrap_or_else(PoisonError::into_inner).threads -= 1;
+                drain_here();
+            }
+        }
+
+        fn drain_here() {
+            loop {
+                let job = QUEUE
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .jobs
+                    .pop_front();
+                match job {
+                    Some(job) => job.run(),
+                    None => return,
+                }
+            }
+        }
+
+        fn work() {
+            let mut q = QUEUE.lock().unwrap_or_else(PoisonError::into_inner);
+            loop {
+                if let Some(job) = q.jobs.pop_front() {
+                    drop(q);
+                    // `run` catches the callback's panics itself.
+                    job.run();
+                    q = QUEUE.lock().unwrap_or_else(PoisonError::into_inner);
+                    continue;
+                }
+                q.idle += 1;
+                let (g, timeout) = WORK
+                    .wait_timeout(q, IDLE_EXIT)
+                    .unwrap_or_else(PoisonError::into_inner);
+                q = g;
+                q.idle -= 1;
+                if timeout.timed_out() && q.jobs.is_empty() {
+                    q.threads -= 1;
+                    return;
+                }
+            }
         }
     }
 }
@@ -141,7 +279,7 @@ pub(crate) fn arm(
 ) -> Deadline {
     let entry = TimerEntry::Deadline {
         channel: channel.self_ptr(),
-        slot: NonNull::from(slot),
+        slot: SlotRef::new(&channel.slab, slot),
         generation,
     };
     match timer().arm(at, entry) {

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use crate::engine::channel::ChannelShared;
 use crate::store::host_core::{running_for, HostCore, ABORTED, CLOSED, CLOSING, OPEN};
 use crate::store::table::ChannelTable;
-use crate::sync::{thread_shard, Arc, Ordering};
+use crate::sync::{thread_shard, Arc, AtomicUsize, Ordering};
 use crate::value::panic::{catch, FirstPanic};
 use crate::{CancelReason, Error, HostStats};
 
@@ -22,6 +22,9 @@ fn shard_count() -> usize {
 
 /// What every `ServiceHost` handle shares.
 pub(crate) struct HostShared {
+    /// `ServiceHost` handles (futures of the host hold the `Arc`, not a
+    /// handle). The last handle's drop aborts an unclosed host (A5).
+    handles: AtomicUsize,
     pub(crate) core: Arc<HostCore>,
     table: ChannelTable<ChannelShared>,
     shards: Vec<Arc<ChannelShared>>,
@@ -35,9 +38,31 @@ impl HostShared {
             .map(|_| ChannelShared::new(Arc::clone(&core), None))
             .collect();
         Self {
+            handles: AtomicUsize::new(1),
             core,
             table: ChannelTable::new(),
             shards,
+        }
+    }
+
+    /// A new `ServiceHost` handle.
+    pub(crate) fn add_handle(&self) {
+        // Ordering: Relaxed, like `Arc::clone`: the caller holds a handle.
+        self.handles.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A `ServiceHost` handle went away; the last one aborts the host unless
+    /// it is closed (A5). A callback's panic is re-raised unless the thread
+    /// is already unwinding.
+    pub(crate) fn drop_handle(&self) {
+        // Ordering: AcqRel, like `Arc::drop`: the last dropper sees every
+        // other handle's work.
+        if self.handles.fetch_sub(1, Ordering::AcqRel) == 1
+            && self.core.raw_state(Ordering::SeqCst) != CLOSED
+        {
+            let mut panics = FirstPanic::default();
+            panics.record(catch(|| self.abort()));
+            panics.resume_unless_panicking();
         }
     }
 
@@ -181,19 +206,10 @@ impl HostShared {
 
 impl Drop for HostShared {
     fn drop(&mut self) {
-        // A5: the last handle of a host that is not closed aborts it, as
-        // `WsFreeServiceHost` does: nothing is left running that nobody can
-        // stop. A callback's panic is re-raised unless we are unwinding.
-        if self.core.raw_state(Ordering::SeqCst) != CLOSED {
-            let mut panics = FirstPanic::default();
-            panics.record(catch(|| self.abort()));
-            // Give up the host's handle on each shard: an idle shard is
-            // disposed now, a busy one by the freer of its last call.
-            self.shards.iter().for_each(|shard| shard.drop_handle());
-            panics.resume_unless_panicking();
-        } else {
-            self.shards.iter().for_each(|shard| shard.drop_handle());
-        }
+        // (A5 was done by the last `ServiceHost` handle: `drop_handle`.)
+        // Give up the host's handle on each shard: an idle shard is disposed
+        // now, a busy one by the freer of its last call.
+        self.shards.iter().for_each(|shard| shard.drop_handle());
     }
 }
 

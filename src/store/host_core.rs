@@ -1,4 +1,4 @@
-//! Layer 3: what every channel of a host shares — the host state word, the
+//! Layer 4: what every channel of a host shares — the host state word, the
 //! idle wake-up, the counters of [`HostStats`](crate::HostStats), and the
 //! marker that tells a wait it runs inside one of this host's callbacks.
 //!
@@ -143,6 +143,13 @@ impl HostCore {
         self.stripe().cancelled[reason_index(reason)].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Takes back a cancellation counted for a call that was then refused.
+    pub(crate) fn uncount_cancel(&self, reason: CancelReason) {
+        // Ordering: Relaxed, as above. Stripes may go below zero alone
+        // (another thread's stripe counted it): sums wrap back.
+        self.stripe().cancelled[reason_index(reason)].fetch_sub(1, Ordering::Relaxed);
+    }
+
     /// A `begin_call` or `open_channel` was refused.
     #[cold]
     pub(crate) fn count_refused(&self) {
@@ -158,7 +165,7 @@ impl HostCore {
             // Ordering: Relaxed, as above.
             refused += stripe.0.refused.load(Ordering::Relaxed);
             for (sum, c) in cancelled.iter_mut().zip(&stripe.0.cancelled) {
-                *sum += c.load(Ordering::Relaxed);
+                *sum = u64::wrapping_add(*sum, c.load(Ordering::Relaxed));
             }
         }
         (refused, cancelled)
@@ -289,38 +296,66 @@ impl Drop for IdleWatch<'_> {
     }
 }
 
-std::thread_local! {
-    /// The host whose user code (a cancel callback, a free-state) this
-    /// thread runs now, innermost first; null outside.
-    static RUNNING_FOR: Cell<*const HostCore> = const { Cell::new(core::ptr::null()) };
+/// How many nested hosts' user code a thread tracks (deeper nesting is
+/// counted but not remembered: such a wait is then not recognised as one on
+/// itself, and waits out its timeout).
+const NESTING: usize = 8;
+
+struct Running {
+    hosts: [Cell<*const HostCore>; NESTING],
+    depth: Cell<usize>,
 }
 
-/// Marks this thread as running user code for `core` until dropped.
+std::thread_local! {
+    /// The hosts whose user code (a cancel callback, a free-state) this
+    /// thread runs now, outermost first (a callback of host A may abort
+    /// host B, whose callback then runs nested: issue found in review).
+    static RUNNING: Running = const {
+        Running {
+            hosts: [const { Cell::new(core::ptr::null()) }; NESTING],
+            depth: Cell::new(0),
+        }
+    };
+}
+
+/// Marks this thread as running user code for a host until dropped.
 pub(crate) struct UserCode {
-    prev: *const HostCore,
+    entered: bool,
 }
 
 impl UserCode {
     #[inline]
     pub(crate) fn enter(core: &HostCore) -> Self {
-        let prev = RUNNING_FOR
-            .try_with(|c| c.replace(core))
-            .unwrap_or(core::ptr::null());
-        Self { prev }
+        let entered = RUNNING
+            .try_with(|r| {
+                let d = r.depth.get();
+                if d < NESTING {
+                    r.hosts[d].set(core);
+                }
+                r.depth.set(d + 1);
+            })
+            .is_ok();
+        Self { entered }
     }
 }
 
 impl Drop for UserCode {
     #[inline]
     fn drop(&mut self) {
-        let _ = RUNNING_FOR.try_with(|c| c.set(self.prev));
+        if self.entered {
+            let _ = RUNNING.try_with(|r| r.depth.set(r.depth.get() - 1));
+        }
     }
 }
 
 /// Whether this thread runs a callback or free-state of one of `core`'s
-/// calls (then waiting for that host to be idle would wait for itself).
+/// calls, at any nesting depth (then waiting for that host to be idle
+/// would wait for itself).
 pub(crate) fn running_for(core: &HostCore) -> bool {
-    RUNNING_FOR
-        .try_with(|c| core::ptr::eq(c.get(), core))
+    RUNNING
+        .try_with(|r| {
+            let d = r.depth.get().min(NESTING);
+            r.hosts[..d].iter().any(|h| core::ptr::eq(h.get(), core))
+        })
         .unwrap_or(false)
 }

@@ -1,4 +1,4 @@
-//! Layer 3: a channel's list of secondary waiters.
+//! Layer 4: a channel's list of secondary waiters.
 //!
 //! The first `cancelled()` future of a call parks in the call's slot (its
 //! `AtomicWaker`); every other future of that call — and every
@@ -12,12 +12,56 @@
 use core::task::Waker;
 use std::collections::HashMap;
 
-use crate::sync::{lock, Mutex};
+use crate::sync::{lock, Arc, AtomicU8, Mutex, Ordering};
+use crate::value::stats::{reason_from_code, reason_to_code};
+use crate::CancelReason;
+
+/// Where a canceller leaves the reason for a parked watch future, which may
+/// only poll again after its call completed (R5: it must still report the
+/// reason the callback got). 0 = nothing decided for it.
+#[derive(Debug, Default)]
+pub(crate) struct Outcome(AtomicU8);
+
+impl Outcome {
+    /// The reason a canceller left, if any. Ordering: Acquire, pairing with
+    /// `set`'s Release (which precedes the wake).
+    pub(crate) fn get(&self) -> Option<CancelReason> {
+        reason_from_code(self.0.load(Ordering::Acquire))
+    }
+
+    fn set(&self, reason: CancelReason) {
+        // Ordering: Release, see `get`.
+        self.0.store(reason_to_code(reason), Ordering::Release);
+    }
+}
+
+/// A parked waiter.
+pub(crate) struct Entry {
+    id: u64,
+    /// The generation of the call it waits for.
+    generation: u64,
+    waker: Waker,
+    outcome: Option<Arc<Outcome>>,
+}
+
+impl Entry {
+    /// Leaves `reason` for the waiter if it waits for generation
+    /// `generation` (another generation's waiter is only woken: it polls
+    /// again and parks again), then wakes it.
+    pub(crate) fn wake(self, generation: u64, reason: Option<CancelReason>) {
+        if let (Some(o), Some(r)) = (&self.outcome, reason) {
+            if self.generation == generation {
+                o.set(r);
+            }
+        }
+        self.waker.wake();
+    }
+}
 
 #[derive(Default)]
 struct Lists {
     next_id: u64,
-    by_slot: HashMap<usize, Vec<(u64, Waker)>>,
+    by_slot: HashMap<usize, Vec<Entry>>,
 }
 
 /// See the module docs.
@@ -27,10 +71,18 @@ pub(crate) struct Overflow {
 }
 
 impl Overflow {
-    /// Parks (or re-parks) waiter `id` of the slot at `slot`; assigns an id
-    /// on first use.
-    pub(crate) fn park(&self, slot: usize, id: &mut Option<u64>, waker: &Waker) {
+    /// Parks (or re-parks) waiter `id` of generation `generation` of the
+    /// slot at `slot`; assigns an id on first use.
+    pub(crate) fn park(
+        &self,
+        slot: usize,
+        generation: u64,
+        id: &mut Option<u64>,
+        waker: &Waker,
+        outcome: Option<&Arc<Outcome>>,
+    ) {
         let fresh = waker.clone();
+        let outcome = outcome.map(Arc::clone);
         let replaced = {
             let mut lists = lock(&self.lists);
             let key = *id.get_or_insert_with(|| {
@@ -38,10 +90,15 @@ impl Overflow {
                 lists.next_id
             });
             let list = lists.by_slot.entry(slot).or_default();
-            match list.iter_mut().find(|(i, _)| *i == key) {
-                Some((_, w)) => Some(core::mem::replace(w, fresh)),
+            match list.iter_mut().find(|e| e.id == key) {
+                Some(e) => Some(core::mem::replace(&mut e.waker, fresh)),
                 None => {
-                    list.push((key, fresh));
+                    list.push(Entry {
+                        id: key,
+                        generation,
+                        waker: fresh,
+                        outcome,
+                    });
                     None
                 }
             }
@@ -58,7 +115,7 @@ impl Overflow {
             };
             let removed = list
                 .iter()
-                .position(|(i, _)| *i == id)
+                .position(|e| e.id == id)
                 .map(|pos| list.swap_remove(pos));
             if list.is_empty() {
                 lists.by_slot.remove(&slot);
@@ -71,7 +128,7 @@ impl Overflow {
 
     /// Takes every waiter of `slot` (to be woken by the caller, outside the
     /// lock).
-    pub(crate) fn take(&self, slot: usize) -> Vec<(u64, Waker)> {
+    pub(crate) fn take(&self, slot: usize) -> Vec<Entry> {
         let mut lists = lock(&self.lists);
         let taken = lists.by_slot.remove(&slot).unwrap_or_default();
         shrink(&mut lists);

@@ -1,22 +1,38 @@
-//! Layer 3: a channel's slab of call slots ([`Slab`]).
+//! Layer 4: a channel's slab of call slots ([`Slab`]).
 //!
 //! Each channel (and each host-scope shard) owns a slab of [`CallSlot`]s in
 //! segments of doubling size: segment `k` holds `BASE << k` slots. Segments
-//! are allocated on demand, published with a CAS on a fixed array of
-//! pointers, and freed only when the slab is dropped, so a slot's address is
-//! stable for the life of its channel. `begin_call` takes a free slot with
-//! one CAS on the slot's own state word (no shared bitmap, no shared counter):
-//! each thread remembers the slot it released last (a thread-local hint), so
-//! the steady state reuses one hot slot per thread and writes nothing shared,
+//! are allocated on demand and published with a CAS on a fixed array of
+//! pointers. `begin_call` takes a free slot with one CAS on the slot's own
+//! state word (no shared bitmap, no shared counter): each thread remembers
+//! the slot of segment 0 it released last (a thread-local hint), so the
+//! steady state reuses one hot slot per thread and writes nothing shared,
 //! even with several threads on one channel (P5); a channel-wide hint, moved
-//! only by the slow scan, serves threads new to the channel. A sweep (fault or
-//! abort) walks every slot of every published segment: linear in capacity,
-//! which is at most twice the channel's peak concurrency .
+//! only by the slow scan, serves threads new to the channel.
+//!
+//! # Memory follows the live load
+//!
+//! After a burst, segments above the first are given back: a census or a
+//! sweep that finds the top segment entirely free while the calls in flight
+//! would fit in a quarter of the segments below it marks each of its slots
+//! `RETIRED` (a CAS that fails against any claimer), unpublishes it and puts
+//! it on the slab's retired list. Its memory is freed once no **walk** is in
+//! progress: every code that reaches slots without occupying one — scans,
+//! sweeps, censuses, and the holders of slot pointers that outlive their call
+//! (`Canceller`, `CancelWatch`, the timer's entries) — holds a [`Walk`] (a
+//! count on the slab, never a lock) and re-validates its pointer against the
+//! published segment (`Slab::revalidate`). A segment allocated again later
+//! starts its slots above every generation the old one used
+//! (`gen_floor`), so a stale holder can never match a new call even at the
+//! same address. Calls themselves need no walk: an occupied slot is never
+//! retired, and the thread hint only names slots of segment 0, which lives as
+//! long as the slab. Sweeps and censuses therefore cost what the slab holds
+//! now, not its high-water mark.
 //!
 use core::ptr::{self, NonNull};
 
 use crate::slot::CallSlot;
-use crate::sync::{AtomicPtr, AtomicUsize, Ordering};
+use crate::sync::{lock, AtomicPtr, AtomicU64, AtomicUsize, Mutex, Ordering};
 
 /// Slots in a slab's first segment.
 #[cfg(not(loom))]
@@ -24,7 +40,13 @@ const BASE: usize = 8;
 #[cfg(loom)]
 const BASE: usize = 2;
 /// Segments per slab: capacity `BASE * (2^SEGMENTS - 1)`.
+#[cfg(not(loom))]
 const SEGMENTS: usize = 32;
+/// Under loom every segment-pointer load is a scheduling point: 4 segments
+/// (30 slots) are plenty for the models and keep them within loom's branch
+/// limit.
+#[cfg(loom)]
+const SEGMENTS: usize = 4;
 
 /// Segment index and offset of slot `index`.
 fn locate(index: usize) -> (usize, usize) {
@@ -96,24 +118,183 @@ fn set_thread_hint(slab: &Slab, slot: &CallSlot) {
     }
 }
 
+/// The segment pointers of a slab, allocated with its first segment (an
+/// idle channel that never ran a call pays for none of it: W4).
+struct Directory {
+    segments: [AtomicPtr<CallSlot>; SEGMENTS],
+}
+
 /// A channel's slab of call slots. See the module docs.
 pub(crate) struct Slab {
-    segments: [AtomicPtr<CallSlot>; SEGMENTS],
+    /// Null until the first segment is grown; then fixed for the slab's
+    /// life.
+    dir: AtomicPtr<Directory>,
     /// Where a thread new to this channel starts looking: moved only by the
     /// slow scan (threads that know the channel use their thread-local hint).
     hint: AtomicUsize,
     /// Unique per slab, for the thread-local hint (which loom builds lack).
     #[cfg_attr(loom, allow(dead_code))]
     id: usize,
+    /// Walks in progress (see [`Walk`]).
+    walkers: AtomicUsize,
+    /// Segments unpublished and waiting for no walk to be in progress:
+    /// (segment index, pointer). Touched only when giving memory back.
+    retired: Mutex<Vec<(usize, RetiredPtr)>>,
+    /// `retired.len()`, readable without the lock.
+    retired_count: AtomicUsize,
+    /// The first generation of slots in a segment allocated from now on.
+    gen_floor: AtomicU64,
+}
+
+/// A retired segment's pointer (owned by the retired list).
+struct RetiredPtr(*mut CallSlot);
+
+// SAFETY: the pointer owns a boxed slice of `CallSlot`s, which are `Send`.
+unsafe impl Send for RetiredPtr {}
+
+/// A walk over a slab's slots in progress: while any is, no retired segment
+/// is freed. A count, never a lock: a walk may run user code (a sweep runs
+/// callbacks) and only delays giving memory back.
+pub(crate) struct Walk<'a> {
+    slab: &'a Slab,
+}
+
+impl Drop for Walk<'_> {
+    fn drop(&mut self) {
+        let slab = self.slab;
+        // Ordering: SeqCst, pairing with the retirer's `retired_count`
+        // increment and `walkers` load (a Dekker pair: either it sees our
+        // exit, or we see its segment).
+        if slab.walkers.fetch_sub(1, Ordering::SeqCst) == 1 {
+            crate::sync::dekker_fence();
+            if slab.retired_count.load(Ordering::SeqCst) != 0 {
+                slab.free_retired();
+            }
+        }
+    }
 }
 
 impl Slab {
     pub(crate) fn new() -> Self {
         Self {
-            segments: core::array::from_fn(|_| AtomicPtr::new(ptr::null_mut())),
+            dir: AtomicPtr::new(ptr::null_mut()),
             hint: AtomicUsize::new(0),
             id: next_slab_id(),
+            walkers: AtomicUsize::new(0),
+            retired: Mutex::new(Vec::new()),
+            retired_count: AtomicUsize::new(0),
+            gen_floor: AtomicU64::new(0),
         }
+    }
+
+    /// The segment directory, once the first segment was grown.
+    ///
+    /// Ordering: SeqCst (at least Acquire, pairing with the publishing CAS
+    /// in `dir_or_init`; SeqCst for sweeps, as `segment` explains).
+    #[inline]
+    fn dir(&self) -> Option<&Directory> {
+        let d = self.dir.load(Ordering::SeqCst);
+        // SAFETY: published by `dir_or_init` from a `Box`, freed only in
+        // `Drop` (`&mut self`).
+        (!d.is_null()).then(|| unsafe { &*d })
+    }
+
+    /// The directory, allocating it if needed.
+    fn dir_or_init(&self) -> &Directory {
+        if let Some(d) = self.dir() {
+            return d;
+        }
+        let fresh = Box::into_raw(Box::new(Directory {
+            segments: core::array::from_fn(|_| AtomicPtr::new(ptr::null_mut())),
+        }));
+        // Ordering: SeqCst (release part: publishes the initialised array).
+        if self
+            .dir
+            .compare_exchange(ptr::null_mut(), fresh, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            // SAFETY: never published.
+            drop(unsafe { Box::from_raw(fresh) });
+        }
+        self.dir().expect("published just now")
+    }
+
+    /// Segment `k`'s pointer cell, if the directory exists.
+    #[inline]
+    fn seg_cell(&self, k: usize) -> Option<&AtomicPtr<CallSlot>> {
+        self.dir().map(|d| &d.segments[k])
+    }
+
+    /// Segment `k`'s pointer (null if unpublished or no directory yet).
+    #[inline]
+    fn seg_ptr(&self, k: usize, order: Ordering) -> *mut CallSlot {
+        self.seg_cell(k).map_or(ptr::null_mut(), |c| c.load(order))
+    }
+
+    /// Whether no segment was ever grown (no call ever ran here).
+    #[inline]
+    pub(crate) fn never_used(&self) -> bool {
+        self.dir().is_none()
+    }
+
+    /// Starts a walk (see [`Walk`]).
+    ///
+    /// Ordering: SeqCst: the increment precedes every segment load of the
+    /// walk, so a retirer that unpublishes a segment and then reads
+    /// `walkers` as zero knows no walk can still see it.
+    #[inline]
+    pub(crate) fn walk(&self) -> Walk<'_> {
+        self.walkers.fetch_add(1, Ordering::SeqCst);
+        crate::sync::dekker_fence();
+        Walk { slab: self }
+    }
+
+    /// Frees the retired segments if no walk is in progress. Every entry of
+    /// the list was unpublished before it was pushed (under the lock), so a
+    /// zero read of `walkers` here (`SeqCst`, under the same lock) comes
+    /// after that unpublication: no walk that could have seen it remains.
+    fn free_retired(&self) {
+        let taken = {
+            let mut retired = lock(&self.retired);
+            crate::sync::dekker_fence();
+            if self.walkers.load(Ordering::SeqCst) != 0 {
+                return;
+            }
+            // Ordering: SeqCst, see `Walk::drop`.
+            self.retired_count.store(0, Ordering::SeqCst);
+            core::mem::take(&mut *retired)
+        };
+        for (k, p) in taken {
+            // SAFETY: published by `grow` from a boxed slice of
+            // `segment_len(k)` slots, unpublished by `retire_top`, and no
+            // walk can reach it any more (see above).
+            drop(unsafe { Box::from_raw(ptr::slice_from_raw_parts_mut(p.0, segment_len(k))) });
+        }
+    }
+
+    /// Where `slot` lives: (segment index, segment base), if it is one of
+    /// this slab's published slots. Address arithmetic only.
+    pub(crate) fn locate_slot(&self, slot: &CallSlot) -> Option<(usize, *const CallSlot)> {
+        let addr = ptr::from_ref(slot) as usize;
+        (0..SEGMENTS).find_map(|k| {
+            let base = self.seg_ptr(k, Ordering::Acquire);
+            if base.is_null() {
+                return None;
+            }
+            let off = addr.checked_sub(base as usize)? / core::mem::size_of::<CallSlot>();
+            (off < segment_len(k)).then_some((k, base.cast_const()))
+        })
+    }
+
+    /// Whether segment `k` is still the one at `base`, so that a slot
+    /// pointer taken inside it may be dereferenced during `walk`. (If the
+    /// segment was given back and another allocated at the same address,
+    /// the slot's generations start above every old one: the holder's
+    /// generation check fails, as for a reused slot.)
+    #[inline]
+    pub(crate) fn revalidate(&self, _walk: &Walk<'_>, k: usize, base: *const CallSlot) -> bool {
+        // Ordering: SeqCst, after the walk's increment (see `walk`).
+        ptr::eq(self.seg_ptr(k, Ordering::SeqCst), base)
     }
 
     /// The published segment `k`, if any.
@@ -125,13 +306,15 @@ impl Slab {
     /// `SeqCst` order sees every segment a surviving call lives in (R4).
     #[inline]
     fn segment(&self, k: usize, order: Ordering) -> Option<&[CallSlot]> {
-        let p = self.segments[k].load(order);
+        let p = self.seg_ptr(k, order);
         if p.is_null() {
             return None;
         }
         // SAFETY: `p` was published by `grow` from a boxed slice of exactly
-        // `segment_len(k)` initialised slots and is freed only in `Drop`,
-        // which needs `&mut self`.
+        // `segment_len(k)` initialised slots. Segment 0 is freed only in
+        // `Drop` (`&mut self`); a higher one only once no walk is in
+        // progress after it was unpublished, and callers of `segment` for
+        // k > 0 hold a walk (or read segment 0 only).
         Some(unsafe { core::slice::from_raw_parts(p, segment_len(k)) })
     }
 
@@ -140,11 +323,16 @@ impl Slab {
         if let Some(seg) = self.segment(k, Ordering::Acquire) {
             return seg;
         }
-        let fresh: Box<[CallSlot]> = (0..segment_len(k)).map(|_| CallSlot::new()).collect();
+        // Ordering: Acquire, pairing with the retirer's SeqCst `fetch_max`
+        // (which precedes its unpublication, which our null load read).
+        let gen = self.gen_floor.load(Ordering::Acquire);
+        let fresh: Box<[CallSlot]> = (0..segment_len(k))
+            .map(|_| CallSlot::at_generation(gen))
+            .collect();
         let fresh = Box::into_raw(fresh).cast::<CallSlot>();
         // Ordering: SeqCst (release part: publishes the initialised slots;
         // SeqCst part: see `segment`).
-        if let Err(_winner) = self.segments[k].compare_exchange(
+        if let Err(_winner) = self.dir_or_init().segments[k].compare_exchange(
             ptr::null_mut(),
             fresh,
             Ordering::SeqCst,
@@ -158,9 +346,11 @@ impl Slab {
             .expect("segment was just published")
     }
 
+    /// Slot `index`, if its segment is published. Callers hold a walk.
     fn slot(&self, index: usize) -> Option<&CallSlot> {
         let (k, off) = locate(index);
-        self.segment(k, Ordering::Acquire).map(|seg| &seg[off])
+        // Ordering: SeqCst, as sweeps and censuses need (see `segment`).
+        self.segment(k, Ordering::SeqCst).map(|seg| &seg[off])
     }
 
     /// Takes a free slot with a `SeqCst` CAS (see `state.rs`).
@@ -182,16 +372,17 @@ impl Slab {
     }
 
     /// `claim` without a usable thread hint: the channel's hint, then a scan
-    /// from it, then growth.
+    /// from it, then growth. Holds a walk: it reaches every segment.
     #[cold]
     #[inline(never)]
     fn claim_cold(&self) -> NonNull<CallSlot> {
+        let _walk = self.walk();
         // Ordering: Relaxed for the channel hint everywhere: it only picks
         // where to start; `try_occupy` decides.
         let hint = self.hint.load(Ordering::Relaxed);
-        let capacity = self.published_capacity();
-        let start = if hint < capacity { hint } else { 0 };
-        for index in (start..capacity).chain(0..start) {
+        let bound = self.index_bound();
+        let start = if hint < bound { hint } else { 0 };
+        for index in (start..bound).chain(0..start) {
             if let Some(slot) = self.try_claim_at(index) {
                 if index != hint {
                     // Point the next claim past us: the slot we took is busy.
@@ -200,24 +391,24 @@ impl Slab {
                 return slot;
             }
         }
-        // Every published slot was taken: publish more segments.
-        let mut index = capacity;
+        // Every published slot was taken: publish more segments (and fill
+        // any segment given back meanwhile), in order.
         for k in 0..SEGMENTS {
             let seg = self.grow(k);
-            if index >= BASE * ((1 << (k + 1)) - 1) {
-                continue;
+            if let Some((off, slot)) = seg
+                .iter()
+                .enumerate()
+                .find(|(_, s)| s.state.try_occupy().is_some())
+            {
+                self.hint
+                    .store(BASE * ((1 << k) - 1) + off + 1, Ordering::Relaxed);
+                return NonNull::from(slot);
             }
-            let (_, first) = locate(index);
-            for (off, slot) in seg.iter().enumerate().skip(first) {
-                if slot.state.try_occupy().is_some() {
-                    let index = BASE * ((1 << k) - 1) + off;
-                    self.hint.store(index + 1, Ordering::Relaxed);
-                    return NonNull::from(slot);
-                }
-            }
-            index = BASE * ((1 << (k + 1)) - 1);
         }
-        panic!("callcancel: more than {index} calls in flight on one channel");
+        panic!(
+            "callcancel: more than {} calls in flight on one channel",
+            self.index_bound()
+        );
     }
 
     fn try_claim_at(&self, index: usize) -> Option<NonNull<CallSlot>> {
@@ -226,59 +417,204 @@ impl Slab {
         Some(NonNull::from(slot))
     }
 
-    /// Slots in the published segments (segments are published in order).
-    fn published_capacity(&self) -> usize {
-        let mut k = 0;
-        while k < SEGMENTS && self.segment(k, Ordering::Acquire).is_some() {
-            k += 1;
-        }
-        BASE * ((1 << k) - 1)
+    /// One past the highest index of the highest published segment.
+    /// Segments below it may be unpublished (given back): `slot` skips them.
+    fn index_bound(&self) -> usize {
+        let top = (0..SEGMENTS)
+            .rev()
+            .find(|&k| !self.seg_ptr(k, Ordering::Acquire).is_null());
+        top.map_or(0, |k| BASE * ((1 << (k + 1)) - 1))
     }
 
-    /// Remembers a released slot for the next `claim`.
+    /// Remembers a released slot for the next `claim`, if it is in segment
+    /// 0 (which lives as long as the slab; higher segments may be given
+    /// back, and the hint is used without a walk).
     ///
     /// The hint is kept per thread (for the channel the thread used last), so
     /// threads sharing a channel each come back to their own slot instead of
     /// fighting over one; the channel-wide hint serves threads new to it.
     #[inline]
     pub(crate) fn note_released(&self, slot: &CallSlot) {
-        set_thread_hint(self, slot);
+        // Ordering: Relaxed: segment 0 is published before any of its slots
+        // was claimed by this thread, and never unpublished.
+        let base0 = self.seg_ptr(0, Ordering::Relaxed) as usize;
+        let off = (ptr::from_ref(slot) as usize).wrapping_sub(base0);
+        if off < BASE * core::mem::size_of::<CallSlot>() {
+            set_thread_hint(self, slot);
+        }
     }
 
-    /// Every slot of every published segment.
-    pub(crate) fn for_each_slot(&self, mut f: impl FnMut(&CallSlot)) {
+    /// Every slot of every published segment, during `walk`.
+    pub(crate) fn for_each_slot(&self, _walk: &Walk<'_>, mut f: impl FnMut(&CallSlot)) {
         for k in 0..SEGMENTS {
-            match self.segment(k, Ordering::SeqCst) {
-                Some(seg) => seg.iter().for_each(&mut f),
-                None => break,
+            // Ordering: SeqCst (see `segment`); unpublished segments (given
+            // back, or not yet grown) are skipped, not an end.
+            if let Some(seg) = self.segment(k, Ordering::SeqCst) {
+                seg.iter().for_each(&mut f);
             }
         }
     }
 
-    /// The first slot of the published segments (in order) for which `f`
-    /// returns `true`.
-    pub(crate) fn find_slot(&self, mut f: impl FnMut(&CallSlot) -> bool) -> Option<&CallSlot> {
-        for k in 0..SEGMENTS {
-            let seg = self.segment(k, Ordering::SeqCst)?;
-            if let Some(slot) = seg.iter().find(|s| f(s)) {
-                return Some(slot);
-            }
-        }
-        None
+    /// The first slot, looking from `start` (a freer's own slot) onwards
+    /// and wrapping around, for which `f` returns `true`, during `walk`.
+    /// Starting at the caller's slot makes tearing down many calls of an
+    /// orphaned channel cost about one look each, not a scan each.
+    pub(crate) fn find_slot_from<'a>(
+        &'a self,
+        _walk: &Walk<'a>,
+        start: Option<&CallSlot>,
+        mut f: impl FnMut(&CallSlot) -> bool,
+    ) -> Option<&'a CallSlot> {
+        let bound = self.index_bound();
+        let start = start.and_then(|s| self.index_of(s)).unwrap_or(0);
+        let start = if start < bound { start } else { 0 };
+        (start..bound)
+            .chain(0..start)
+            .filter_map(|i| self.slot(i))
+            .find(|s| f(s))
+    }
+
+    /// The index of `slot`, if it is one of this slab's published slots.
+    /// Address arithmetic only.
+    fn index_of(&self, slot: &CallSlot) -> Option<usize> {
+        let (k, base) = self.locate_slot(slot)?;
+        let off = (ptr::from_ref(slot) as usize - base as usize) / core::mem::size_of::<CallSlot>();
+        Some(BASE * ((1 << k) - 1) + off)
     }
 
     /// Occupied slots: calls in flight, including those whose cancel
-    /// callback or free-state is still running.
+    /// callback or free-state is still running. Gives back the top segments
+    /// if the load allows (see the module docs).
     pub(crate) fn census(&self) -> Census {
+        let walk = self.walk();
         let mut c = Census::default();
         // Ordering: SeqCst: a census that follows an abort or close in the
         // SeqCst order sees every call that slipped past it (R4).
-        self.for_each_slot(|slot| {
+        self.for_each_slot(&walk, |slot| {
             c.occupied += usize::from(slot.state.load(Ordering::SeqCst).is_occupied());
         });
+        self.shrink(&walk, c.occupied);
         c
     }
+
+    /// Gives back the top segments while the calls in flight (`occupied`,
+    /// as a walk just counted them) would fit in a quarter of the segments
+    /// below. Never segment 0. The memory is freed once no walk is in
+    /// progress (at the latest when `walk` ends).
+    pub(crate) fn shrink(&self, walk: &Walk<'_>, occupied: usize) {
+        loop {
+            let Some(k) = (1..SEGMENTS)
+                .rev()
+                .find(|&k| !self.seg_ptr(k, Ordering::SeqCst).is_null())
+            else {
+                return;
+            };
+            let below = BASE * ((1 << k) - 1);
+            if occupied * 4 > below || !self.retire(walk, k) {
+                return;
+            }
+        }
+    }
+
+    /// Retires segment `k` if every slot of it is free: marks them
+    /// `RETIRED`, unpublishes it and puts it on the retired list.
+    fn retire(&self, _walk: &Walk<'_>, k: usize) -> bool {
+        let Some(seg) = self.segment(k, Ordering::SeqCst) else {
+            return false;
+        };
+        let p = seg.as_ptr().cast_mut();
+        let mut max_gen = 0;
+        for (i, slot) in seg.iter().enumerate() {
+            if !slot.state.try_retire() {
+                seg[..i].iter().for_each(|s| s.state.unretire());
+                return false;
+            }
+            max_gen = max_gen.max(slot.state.load(Ordering::Relaxed).generation());
+        }
+        // Ordering: SeqCst, before the unpublication a grower's null load
+        // reads (it then allocates above every old generation).
+        self.gen_floor.fetch_max(max_gen + 1, Ordering::SeqCst);
+        // Ordering: SeqCst CAS: only the retirer that unpublishes owns it
+        // (two censuses may race for the same segment).
+        if self.dir_or_init().segments[k]
+            .compare_exchange(p, ptr::null_mut(), Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            return false;
+        }
+        {
+            let mut retired = lock(&self.retired);
+            retired.push((k, RetiredPtr(p)));
+            // Ordering: SeqCst, see `Walk::drop`.
+            self.retired_count.store(retired.len(), Ordering::SeqCst);
+        }
+        // Our own walk is in progress: the memory goes when the last walk
+        // ends (`Walk::drop`, which sees the count).
+        true
+    }
+
+    /// Segments currently published (for tests and benches).
+    #[cfg(test)]
+    pub(crate) fn published_segments(&self) -> usize {
+        (0..SEGMENTS)
+            .filter(|&k| !self.seg_ptr(k, Ordering::SeqCst).is_null())
+            .count()
+    }
 }
+
+/// A slot pointer held past its call (a `Canceller`, a `CancelWatch`, a
+/// timer entry): the slot and where its segment was, so that it is only
+/// dereferenced while that segment is still the published one.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SlotRef {
+    slot: NonNull<CallSlot>,
+    k: usize,
+    base: *const CallSlot,
+}
+
+impl SlotRef {
+    /// For a slot of `slab` that the caller's call occupies.
+    pub(crate) fn new(slab: &Slab, slot: &CallSlot) -> Self {
+        let (k, base) = slab
+            .locate_slot(slot)
+            .expect("an occupied slot's segment is published");
+        Self {
+            slot: NonNull::from(slot),
+            k,
+            base,
+        }
+    }
+
+    /// The address (for overflow keys): never dereferenced here.
+    pub(crate) fn addr(&self) -> NonNull<CallSlot> {
+        self.slot
+    }
+
+    /// Runs `f` on the slot if its segment is still published (always for
+    /// segment 0); `None` if the segment was given back (its call is long
+    /// finished). The caller keeps `slab` alive.
+    #[inline]
+    pub(crate) fn with<R>(&self, slab: &Slab, f: impl FnOnce(&CallSlot) -> R) -> Option<R> {
+        if self.k == 0 {
+            // SAFETY: segment 0 lives as long as the slab, which the caller
+            // keeps alive.
+            return Some(f(unsafe { self.slot.as_ref() }));
+        }
+        let walk = slab.walk();
+        if !slab.revalidate(&walk, self.k, self.base) {
+            return None;
+        }
+        // SAFETY: the segment is published and our walk keeps it from being
+        // freed until `walk` drops, after `f`.
+        Some(f(unsafe { self.slot.as_ref() }))
+    }
+}
+
+// SAFETY: the pointers are dereferenced only through `with`, under the
+// slab's walk protocol; `CallSlot` is `Sync`.
+unsafe impl Send for SlotRef {}
+// SAFETY: as above.
+unsafe impl Sync for SlotRef {}
 
 /// Counts from [`Slab::census`].
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -288,7 +624,18 @@ pub(crate) struct Census {
 
 impl Drop for Slab {
     fn drop(&mut self) {
-        for (k, seg) in self.segments.iter().enumerate() {
+        // `&mut self`: no walk is in progress.
+        for (k, p) in core::mem::take(&mut *lock(&self.retired)) {
+            // SAFETY: as in `free_retired`.
+            drop(unsafe { Box::from_raw(ptr::slice_from_raw_parts_mut(p.0, segment_len(k))) });
+        }
+        let dir = self.dir.swap(ptr::null_mut(), Ordering::Acquire);
+        if dir.is_null() {
+            return;
+        }
+        // SAFETY: published by `dir_or_init` from a `Box`; `&mut self`.
+        let dir = unsafe { Box::from_raw(dir) };
+        for (k, seg) in dir.segments.iter().enumerate() {
             let p = seg.swap(ptr::null_mut(), Ordering::Acquire);
             if !p.is_null() {
                 // SAFETY: published by `grow` from a boxed slice of
@@ -331,6 +678,7 @@ mod tests {
             held.push(slab.claim());
         }
         assert_eq!(slab.census().occupied, 3 * BASE + 1);
+        assert_eq!(slab.published_segments(), 3, "no shrink while busy");
         let mut indices: Vec<_> = held.iter().map(|c| c.as_ptr() as usize).collect();
         indices.push(a.as_ptr() as usize);
         indices.sort_unstable();
@@ -346,5 +694,56 @@ mod tests {
         let again = slab.claim();
         assert_eq!(again, a);
         assert_eq!(slot.state.load(Ordering::Relaxed).generation(), gen_a + 1);
+    }
+
+    /// Issue 13: after a burst, the segments above the first are given
+    /// back (once no walk is in progress), a stale slot reference of a
+    /// given-back segment is refused, and a segment grown again starts
+    /// above every old generation.
+    #[test]
+    fn a_burst_gives_its_segments_back() {
+        let slab = Slab::new();
+        let mut held: Vec<_> = (0..100 * BASE).map(|_| slab.claim()).collect();
+        let segs = slab.published_segments();
+        assert!(segs >= 7, "{segs} segments for {} calls", 100 * BASE);
+        // A reference to a slot in the top segment, as a Canceller keeps it.
+        // SAFETY: the slab is alive and the slot is ours.
+        let last = unsafe { held.last().unwrap().as_ref() };
+        let stale = SlotRef::new(&slab, last);
+        let stale_gen = last.state.load(Ordering::Relaxed).generation();
+        assert_eq!(
+            stale.with(&slab, |s| s.state.load(Ordering::Relaxed).generation()),
+            Some(stale_gen)
+        );
+        for p in held.drain(..) {
+            // SAFETY: as above.
+            let slot = unsafe { p.as_ref() };
+            let crate::state::Completion::OwnerFrees { prev } = slot.state.complete() else {
+                panic!("nothing claimed")
+            };
+            let _ = slot.state.release(prev.with_completed());
+        }
+        assert_eq!(slab.census().occupied, 0);
+        assert_eq!(slab.published_segments(), 1, "only segment 0 is kept");
+        assert_eq!(
+            slab.retired_count.load(Ordering::SeqCst),
+            0,
+            "freed: no walk left"
+        );
+        assert_eq!(
+            stale.with(&slab, |_| ()),
+            None,
+            "a stale reference is refused"
+        );
+        // Grow again: the new slots start above the old generations.
+        let again: Vec<_> = (0..100 * BASE).map(|_| slab.claim()).collect();
+        // SAFETY: as above.
+        let top = unsafe { again.last().unwrap().as_ref() };
+        let g = top.state.load(Ordering::Relaxed).generation();
+        assert!(g > stale_gen || slab.locate_slot(top).unwrap().0 == 0);
+        if let Some(gen) = stale.with(&slab, |s| s.state.load(Ordering::Relaxed).generation()) {
+            assert_ne!(gen, stale_gen, "same address, never the same generation");
+        }
+        assert_eq!(slab.census().occupied, 100 * BASE);
     }
 }

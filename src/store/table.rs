@@ -1,4 +1,4 @@
-//! Layer 3: the host's table of channels, generic over what it holds.
+//! Layer 4: the host's table of channels, generic over what it holds.
 //!
 //! The host reaches its channels through an `ArcSwap` snapshot of a list of
 //! fixed-size chunks; each chunk entry is an atomic pointer holding a
@@ -32,7 +32,14 @@ const CHUNK: usize = 2;
 /// or a `Weak<T>` made raw by `Weak::into_raw`.
 pub(crate) struct TableChunk<T> {
     entries: [AtomicPtr<T>; CHUNK],
+    /// Entries reserved or published, plus reservers at work in this chunk;
+    /// [`CLOSED`] once compaction removed the chunk (nobody reserves in it
+    /// again). A walk skips chunks with nothing live.
+    live: AtomicUsize,
 }
+
+/// `TableChunk::live` of a chunk removed by compaction.
+const CLOSED: usize = usize::MAX;
 
 /// Marks an entry taken by an `open_channel` that has not stored its channel
 /// yet. Never dereferenced.
@@ -44,7 +51,43 @@ impl<T> TableChunk<T> {
     fn new() -> Self {
         Self {
             entries: core::array::from_fn(|_| AtomicPtr::new(ptr::null_mut())),
+            live: AtomicUsize::new(0),
         }
+    }
+
+    /// Announces a reserver (or keeps a reserved entry counted); fails on a
+    /// closed chunk.
+    ///
+    /// Ordering: SeqCst: the increment precedes the reserver's entry CAS,
+    /// publication and `SeqCst` re-check of the host state, so a sweep that
+    /// follows an abort in the `SeqCst` order and reads `live` sees it (R4),
+    /// and compaction's `0 → CLOSED` CAS fails against it.
+    fn enter(&self) -> bool {
+        let mut cur = self.live.load(Ordering::SeqCst);
+        loop {
+            if cur == CLOSED {
+                return false;
+            }
+            match self
+                .live
+                .compare_exchange_weak(cur, cur + 1, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => return true,
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
+    /// Undoes [`TableChunk::enter`] (the reserver found no free entry, or a
+    /// reserved entry was retired).
+    fn leave(&self) {
+        // Ordering: SeqCst, as in `enter`.
+        self.live.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Whether a walk must look at the entries. Ordering: SeqCst (`enter`).
+    fn has_live(&self) -> bool {
+        !matches!(self.live.load(Ordering::SeqCst), 0 | CLOSED)
     }
 }
 
@@ -70,7 +113,11 @@ impl<T: Send + Sync + 'static> TableEntry<T> {
     /// epoch (see the module docs). Called when the stored value drops.
     pub(crate) fn retire(&self) {
         let raw = self.chunk.entries[self.index].swap(ptr::null_mut(), Ordering::AcqRel);
-        if raw.is_null() || raw == reserved::<T>() {
+        if raw.is_null() {
+            return;
+        }
+        self.chunk.leave();
+        if raw == reserved::<T>() {
             return;
         }
         // SAFETY: `raw` came from `Weak::into_raw` in `publish`, and the swap
@@ -103,12 +150,16 @@ impl<T: Send + Sync + 'static> ChannelTable<T> {
     /// Reserves an entry for a new channel.
     pub(crate) fn reserve(&self) -> TableEntry<T> {
         loop {
-            let chunks = self.chunks.load_full();
+            // A guard, not a clone: no RMW on the snapshot's shared count.
+            let chunks = self.chunks.load();
             let n = chunks.len();
             // Ordering: Relaxed; the cursor is only where to start looking.
             let start = self.cursor.load(Ordering::Relaxed).min(n);
             for pos in (start..n).chain(0..start) {
                 let chunk = &chunks[pos];
+                if !chunk.enter() {
+                    continue; // compacted away
+                }
                 for (index, entry) in chunk.entries.iter().enumerate() {
                     // Ordering: the Relaxed load only skips taken entries;
                     // the CAS decides (AcqRel: ordered after the retire that
@@ -132,9 +183,11 @@ impl<T: Send + Sync + 'static> ChannelTable<T> {
                         };
                     }
                 }
+                chunk.leave();
             }
             // Every entry is taken: append a chunk unless somebody did.
             let seen = chunks.len();
+            drop(chunks);
             self.chunks.rcu(|cur| {
                 let mut next = Vec::clone(cur);
                 if next.len() == seen {
@@ -147,10 +200,19 @@ impl<T: Send + Sync + 'static> ChannelTable<T> {
     }
 
     /// Calls `f` with every live channel, holding a strong reference and no
-    /// epoch pin while `f` runs.
+    /// epoch pin while `f` runs. Costs what is live (chunks with nothing in
+    /// them are skipped with one load), and gives back the table's tail
+    /// once at least half of it is empty after a burst (see
+    /// [`ChannelTable::compact`]).
     pub(crate) fn for_each(&self, mut f: impl FnMut(&Arc<T>)) {
         let chunks = self.chunks.load_full();
+        let mut trailing_empty = 0;
         for chunk in chunks.iter() {
+            if !chunk.has_live() {
+                trailing_empty += 1;
+                continue;
+            }
+            trailing_empty = 0;
             for entry in chunk.entries.iter() {
                 let channel = {
                     let _guard = epoch::pin();
@@ -172,5 +234,88 @@ impl<T: Send + Sync + 'static> ChannelTable<T> {
                 }
             }
         }
+        if trailing_empty >= 2 && trailing_empty * 2 >= chunks.len() {
+            drop(chunks);
+            self.compact();
+        }
+    }
+
+    /// Removes empty chunks from the end of the table: closes them from the
+    /// last one backwards (`0 → CLOSED`, which fails against any reserver
+    /// or live entry), then drops the closed tail from the snapshot. No lock;
+    /// a reserver that still holds the old snapshot skips a closed chunk.
+    fn compact(&self) {
+        let chunks = self.chunks.load_full();
+        for chunk in chunks.iter().rev() {
+            // Ordering: SeqCst, against `TableChunk::enter`.
+            if chunk
+                .live
+                .compare_exchange(0, CLOSED, Ordering::SeqCst, Ordering::SeqCst)
+                .is_err()
+                && chunk.live.load(Ordering::SeqCst) != CLOSED
+            {
+                break;
+            }
+        }
+        self.chunks.rcu(|cur| {
+            let mut next = Vec::clone(cur);
+            while next
+                .last()
+                .is_some_and(|c| c.live.load(Ordering::SeqCst) == CLOSED)
+            {
+                next.pop();
+            }
+            next
+        });
+    }
+
+    /// Chunks in the table (for tests).
+    #[cfg(test)]
+    pub(crate) fn chunk_count(&self) -> usize {
+        self.chunks.load().len()
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_gives_its_tail_back_after_a_burst() {
+        let table = ChannelTable::<u64>::new();
+        let values: Vec<_> = (0..20 * CHUNK as u64).map(Arc::new).collect();
+        let entries: Vec<_> = values
+            .iter()
+            .map(|v| {
+                let e = table.reserve();
+                e.publish(v);
+                e
+            })
+            .collect();
+        assert_eq!(table.chunk_count(), 20);
+        let mut seen = 0;
+        table.for_each(|_| seen += 1);
+        assert_eq!(seen, 20 * CHUNK);
+        // Keep the first channel, drop the rest.
+        for e in &entries[1..] {
+            e.retire();
+        }
+        let mut seen = 0;
+        table.for_each(|_| seen += 1); // skips the empty chunks, compacts
+        assert_eq!(seen, 1);
+        assert_eq!(table.chunk_count(), 1, "the empty tail was given back");
+        // The table still works: new reservations, in old or new chunks.
+        let more: Vec<_> = (0..3 * CHUNK as u64)
+            .map(|i| {
+                let e = table.reserve();
+                e.publish(&values[i as usize]);
+                e
+            })
+            .collect();
+        let mut seen = 0;
+        table.for_each(|_| seen += 1);
+        assert_eq!(seen, 1 + 3 * CHUNK);
+        drop(more);
+        drop(entries);
     }
 }

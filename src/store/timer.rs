@@ -159,6 +159,7 @@ type Payload = Box<dyn Any + Send + 'static>;
 /// Nanoseconds per tick (the width of a bucket).
 const TICK_NS: u64 = 1_000_000;
 /// One tick as a `Duration`.
+#[cfg_attr(loom, allow(dead_code))]
 const TICK: Duration = Duration::from_millis(1);
 /// Nanoseconds per unit of `hint` (microseconds: a `usize` of them lasts 71
 /// minutes even on 32-bit targets).
@@ -539,6 +540,7 @@ pub(crate) struct Timer<E: Expiry> {
     /// (the protocol is in the module docs).
     hint: AtomicUsize,
     /// 0 until the first `arm` started the driver.
+    #[cfg_attr(loom, allow(dead_code))]
     started: AtomicU8,
     /// The driver thread, filled by the driver itself before its first sweep.
     #[cfg(not(loom))]
@@ -597,7 +599,7 @@ impl<E: Expiry> Timer<E> {
 
     /// Entries armed and not yet expired or disarmed (for tests/stats; locks
     /// each shard in turn, so it is exact only when nobody arms or expires).
-    #[cfg_attr(not(any(test, loom)), allow(dead_code))]
+    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn pending(&self) -> usize {
         self.shards.iter().map(|s| lock(&s.0).len).sum()
     }

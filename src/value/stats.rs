@@ -5,10 +5,12 @@ use crate::CancelReason;
 /// A snapshot of a [`ServiceHost`](crate::ServiceHost)'s counters, from
 /// [`ServiceHost::stats`](crate::ServiceHost::stats).
 ///
-/// Counters are monotone and counted off the hot path (a begin, register and
-/// complete that nobody cancels touches none of them). A snapshot taken
-/// while a sweep runs may include some of the sweep's cancellations and not
-/// others; each counter never goes down between two snapshots.
+/// Counters are counted off the hot path (a begin, register and complete
+/// that nobody cancels touches none of them). A snapshot taken while a sweep
+/// runs may include some of the sweep's cancellations and not others.
+/// Counters only grow, with one exception: a call that a sweep marked while
+/// its own `begin_call` was refusing it (it never reached the user) is
+/// counted and then taken back, so a snapshot in between may show it.
 ///
 /// ```
 /// use callcancel::{CancelReason, ServiceHost};
@@ -55,4 +57,20 @@ pub(crate) fn reason_index(reason: CancelReason) -> usize {
         CancelReason::CallCancelled => 2,
         CancelReason::DeadlineExceeded => 3,
     }
+}
+
+/// `reason` as a nonzero byte (0 = none), for atomics.
+pub(crate) fn reason_to_code(reason: CancelReason) -> u8 {
+    reason_index(reason) as u8 + 1
+}
+
+/// The inverse of [`reason_to_code`].
+pub(crate) fn reason_from_code(code: u8) -> Option<CancelReason> {
+    Some(match code {
+        1 => CancelReason::HostAbort,
+        2 => CancelReason::ChannelFaulted,
+        3 => CancelReason::CallCancelled,
+        4 => CancelReason::DeadlineExceeded,
+        _ => return None,
+    })
 }

@@ -1,4 +1,4 @@
-//! Layer 5 (async): waiting for a call's cancellation — the state shared by
+//! Layer 6 (async): waiting for a call's cancellation — the state shared by
 //! the `cancelled()` future and the owned [`CancelWatch`]'s future.
 //!
 //! # Protocol (register, then re-check)
@@ -26,12 +26,13 @@
 use core::fmt;
 use core::future::Future;
 use core::pin::Pin;
-use core::ptr::NonNull;
 use core::task::{Context, Poll};
 
 use crate::engine::channel::{slot_key, ChannelShared};
 use crate::slot::CallSlot;
 use crate::state::{OVERFLOW, WAITER};
+use crate::store::overflow::Outcome;
+use crate::store::slab::SlotRef;
 use crate::sync::{Arc, Ordering};
 use crate::CancelReason;
 
@@ -69,6 +70,10 @@ pub(crate) struct WaitState {
     /// Our id in the overflow list, once assigned.
     id: Option<u64>,
     role: Role,
+    /// A watch's mailbox for the reason (allocated when it first parks):
+    /// a canceller leaves it there before waking us, so that a poll after
+    /// the call completed still reports it (R5).
+    outcome: Option<Arc<Outcome>>,
 }
 
 impl WaitState {
@@ -77,6 +82,16 @@ impl WaitState {
             parked: Parked::Nowhere,
             id: None,
             role,
+            outcome: None,
+        }
+    }
+
+    /// The answer once the call is gone: the reason a canceller left us, or
+    /// `Finished`.
+    pub(crate) fn gone(&self) -> Woken {
+        match self.outcome.as_ref().and_then(|o| o.get()) {
+            Some(reason) => Woken::Cancelled(reason),
+            None => Woken::Finished,
         }
     }
 
@@ -91,7 +106,7 @@ impl WaitState {
         // and the release swap (the call finished).
         let snap = slot.state.load(Ordering::Acquire);
         if !snap.is_live(generation) {
-            return Poll::Ready(Woken::Finished);
+            return Poll::Ready(self.gone());
         }
         if let Some(reason) = snap.reason() {
             return Poll::Ready(Woken::Cancelled(reason));
@@ -102,7 +117,7 @@ impl WaitState {
         if let (Parked::Nowhere, true) = (self.parked, may_be_primary) {
             // Become the primary waiter if nobody is.
             match slot.state.announce_waiter(generation, WAITER) {
-                None => return Poll::Ready(Woken::Finished),
+                None => return Poll::Ready(self.gone()),
                 Some(prev) => {
                     if let Some(reason) = prev.reason() {
                         return Poll::Ready(Woken::Cancelled(reason));
@@ -128,15 +143,22 @@ impl WaitState {
             _ => {
                 // Park first, then announce: a canceller that sees OVERFLOW
                 // finds our waker in the list.
-                channel
-                    .overflow
-                    .park(slot_key(slot), &mut self.id, cx.waker());
+                if self.role == Role::Watch && self.outcome.is_none() {
+                    self.outcome = Some(Arc::new(Outcome::default()));
+                }
+                channel.overflow.park(
+                    slot_key(slot),
+                    generation,
+                    &mut self.id,
+                    cx.waker(),
+                    self.outcome.as_ref(),
+                );
                 self.parked = Parked::Overflow;
                 slot.state.announce_waiter(generation, OVERFLOW)
             }
         };
         match announced {
-            None => Poll::Ready(Woken::Finished),
+            None => Poll::Ready(self.gone()),
             Some(s) => match s.reason() {
                 Some(reason) => Poll::Ready(Woken::Cancelled(reason)),
                 None => Poll::Pending,
@@ -148,17 +170,22 @@ impl WaitState {
     pub(crate) fn unpark(&mut self, channel: &ChannelShared, slot: &CallSlot, generation: u64) {
         match self.parked {
             Parked::Nowhere => {}
-            Parked::Overflow => {
-                if let Some(id) = self.id {
-                    channel.overflow.unpark(slot_key(slot), id);
-                }
-            }
+            Parked::Overflow => self.unpark_overflow(channel, slot_key(slot)),
             Parked::Primary => {
                 // Take our waker back first (dropped here, outside any lock),
                 // then free the bit: a later primary registers after that.
                 drop(slot.waker.take());
                 slot.state.withdraw_waiter(generation);
             }
+        }
+        self.parked = Parked::Nowhere;
+    }
+
+    /// Leaves the overflow list of the slot at `key` (an address only: the
+    /// slot's segment may have been given back since).
+    pub(crate) fn unpark_overflow(&mut self, channel: &ChannelShared, key: usize) {
+        if let (Parked::Overflow, Some(id)) = (self.parked, self.id) {
+            channel.overflow.unpark(key, id);
         }
         self.parked = Parked::Nowhere;
     }
@@ -189,23 +216,13 @@ impl WaitState {
 #[derive(Clone)]
 pub struct CancelWatch {
     channel: Arc<ChannelShared>,
-    slot: NonNull<CallSlot>,
+    /// Dereferenced only while its segment is published (`store/slab.rs`).
+    slot: SlotRef,
     generation: u64,
 }
 
-// SAFETY: `slot` points into `channel`'s slab, kept alive by `channel`; the
-// watch only touches the slot's atomics, its `AtomicWaker` and the channel's
-// mutex-guarded overflow list, all thread-safe.
-unsafe impl Send for CancelWatch {}
-// SAFETY: as above; `&CancelWatch` offers only atomic reads.
-unsafe impl Sync for CancelWatch {}
-
 impl CancelWatch {
-    pub(crate) fn new(
-        channel: Arc<ChannelShared>,
-        slot: NonNull<CallSlot>,
-        generation: u64,
-    ) -> Self {
+    pub(crate) fn new(channel: Arc<ChannelShared>, slot: SlotRef, generation: u64) -> Self {
         Self {
             channel,
             slot,
@@ -213,28 +230,25 @@ impl CancelWatch {
         }
     }
 
-    fn slot(&self) -> &CallSlot {
-        // SAFETY: the slot lives in `self.channel`'s slab, kept alive by
-        // `self.channel`, which frees segments only when it drops.
-        unsafe { self.slot.as_ref() }
+    /// The state word, if the slot's segment is still published.
+    fn word(&self) -> Option<crate::state::Snapshot> {
+        // Ordering: Acquire, as in `WaitState::poll`.
+        self.slot.with(&self.channel.slab, |slot| {
+            slot.state.load(Ordering::Acquire)
+        })
     }
 
     /// The cancel reason, if the call is still in flight and was cancelled.
     /// `None` once the call has completed (the slot may serve another call).
     pub fn cancel_reason(&self) -> Option<CancelReason> {
-        // Ordering: Acquire, as in `WaitState::poll`.
-        let s = self.slot().state.load(Ordering::Acquire);
-        (s.is_occupied() && s.generation() == self.generation)
-            .then(|| s.reason())
-            .flatten()
+        let s = self.word()?;
+        s.is_live(self.generation).then(|| s.reason()).flatten()
     }
 
     /// Whether the call has completed (and finished any cancel callback and
     /// free-state).
     pub fn is_finished(&self) -> bool {
-        // Ordering: Acquire, as in `WaitState::poll`.
-        let s = self.slot().state.load(Ordering::Acquire);
-        !s.is_occupied() || s.generation() != self.generation
+        self.word().is_none_or(|s| !s.is_live(self.generation))
     }
 
     /// Resolves to `Some(reason)` once the call is cancelled, or to `None` if
@@ -270,8 +284,12 @@ impl Future for WatchCancelled {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<CancelReason>> {
         let this = &mut *self;
         let w = &this.watch;
-        this.wait
-            .poll(&w.channel, w.slot(), w.generation, cx)
+        let wait = &mut this.wait;
+        w.slot
+            .with(&w.channel.slab, |slot| {
+                wait.poll(&w.channel, slot, w.generation, cx)
+            })
+            .unwrap_or_else(|| Poll::Ready(wait.gone()))
             .map(|woken| match woken {
                 Woken::Cancelled(reason) => Some(reason),
                 Woken::Finished => None,
@@ -282,7 +300,15 @@ impl Future for WatchCancelled {
 impl Drop for WatchCancelled {
     fn drop(&mut self) {
         let w = &self.watch;
-        self.wait.unpark(&w.channel, w.slot(), w.generation);
+        let wait = &mut self.wait;
+        if w.slot
+            .with(&w.channel.slab, |slot| {
+                wait.unpark(&w.channel, slot, w.generation)
+            })
+            .is_none()
+        {
+            wait.unpark_overflow(&w.channel, w.slot.addr().as_ptr() as usize);
+        }
     }
 }
 

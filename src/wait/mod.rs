@@ -1,4 +1,4 @@
-//! Layer 5: the async layer — futures over the engine. Runtime-agnostic:
+//! Layer 6: the async layer — futures over the engine. Runtime-agnostic:
 //! they park wakers, never spawn.
 
 pub(crate) mod cancel;
