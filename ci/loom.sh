@@ -46,6 +46,8 @@ loom watch_reuse watch_repolled_across_slot_reuse 3
 loom orphan last_handle_vs_finishing_free -
 loom cancel_per_call cancel_vs_fault 3
 loom cancel_per_call canceller_vs_complete_and_reuse 3
+loom deadline deadline_vs_complete_and_reuse 3
+loom deadline deadline_vs_cancel 3
 loom begin_call_vs_abort begin_call_vs_host_abort -
 loom begin_call_vs_abort begin_call_vs_channel_fault -
 loom begin_call_vs_abort reused_slot_begin_call_vs_host_abort -

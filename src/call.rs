@@ -10,10 +10,12 @@ use core::ptr::NonNull;
 use core::task::{Context, Poll};
 
 use crate::engine::channel::ChannelShared;
+use crate::engine::deadline::{self, Deadline};
 use crate::slot::CallSlot;
 use crate::sync::{Arc, Ordering};
 use crate::wait::cancel::{CancelWatch, Role, WaitState, Woken};
 use crate::{CancelReason, RegisterError};
+use std::time::Instant;
 
 /// The context of a running call (WWSAPI `WS_OPERATION_CONTEXT`): register a
 /// cancel callback, ask whether the call was cancelled, or await it.
@@ -25,6 +27,8 @@ pub struct OperationContext {
     /// occupies its slot (see `ChannelShared`); no per-call reference count.
     channel: NonNull<ChannelShared>,
     slot: NonNull<CallSlot>,
+    /// The call's deadline and its timer entry, if it has one.
+    deadline: Option<Deadline>,
 }
 
 // SAFETY: `channel` and `slot` stay valid while the call occupies its slot
@@ -240,6 +244,12 @@ impl OperationContext {
         self.channel().cancel_call(self.slot(), self.generation())
     }
 
+    /// The call's deadline, if it was begun with one
+    /// ([`Channel::begin_call_with_deadline`](crate::Channel::begin_call_with_deadline)).
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline.map(|d| d.at)
+    }
+
     /// A `'static` handle that cancels this call (and only this call) from
     /// anywhere, e.g. from the task that notices the client went away. Once
     /// the call completed, [`Canceller::cancel`] does nothing and returns
@@ -281,6 +291,7 @@ impl Call {
             ctx: OperationContext {
                 channel: channel.self_ptr(),
                 slot,
+                deadline: None,
             },
         }
     }
@@ -290,6 +301,20 @@ impl Call {
     pub(crate) fn begin(channel: &ChannelShared) -> Result<Self, crate::Error> {
         let slot = channel.begin()?;
         Ok(Self::new(channel, slot))
+    }
+
+    /// Begins a call with a deadline (the engine's `begin`, then
+    /// `deadline::arm`).
+    pub(crate) fn begin_with_deadline(
+        channel: &ChannelShared,
+        at: Instant,
+    ) -> Result<Self, crate::Error> {
+        let mut call = Self::begin(channel)?;
+        let ctx = &mut call.ctx;
+        // SAFETY: the call occupies its slot (see `OperationContext::slot`).
+        let slot = unsafe { ctx.slot.as_ref() };
+        ctx.deadline = Some(deadline::arm(channel, slot, ctx.generation(), at));
+        Ok(call)
     }
 
     /// Completes the call (the same as dropping it).
@@ -327,6 +352,11 @@ impl Deref for Call {
 impl Drop for Call {
     fn drop(&mut self) {
         let ctx = &self.ctx;
+        // Before completing: the timer may hold the entry only while the
+        // call occupies its slot (`engine/deadline.rs`).
+        if let Some(d) = &ctx.deadline {
+            deadline::disarm(d);
+        }
         // Nothing touches the channel or slot after the release inside
         // `complete` except through a reference it takes itself.
         if let Some(panic) = ctx.channel().complete(ctx.slot()) {

@@ -2,6 +2,7 @@
 //! protocol lives in `engine/channel.rs`.
 
 use core::fmt;
+use std::time::Instant;
 
 use crate::call::Call;
 use crate::engine::channel::ChannelShared;
@@ -74,6 +75,35 @@ impl Channel {
     #[inline]
     pub fn begin_call(&self) -> Result<Call, Error> {
         Call::begin(&self.shared)
+    }
+
+    /// Starts a call on this channel with a deadline (R7): when `deadline`
+    /// passes while the call is in flight, it is cancelled with
+    /// [`CancelReason::DeadlineExceeded`](crate::CancelReason::DeadlineExceeded)
+    /// — never earlier, and (on an idle machine) within about a millisecond
+    /// after, by the crate's timer thread (started with the process's first
+    /// deadline; blocking services need no async runtime). A deadline that
+    /// has already passed gives a call that is in flight and already
+    /// cancelled (a registration then runs its callback inline). Completing
+    /// the call first removes its timer entry (O(1)); a deadline years
+    /// away is fine. Refused as [`begin_call`](Channel::begin_call).
+    ///
+    /// ```
+    /// use callcancel::{CancelReason, ServiceHost};
+    /// use std::time::{Duration, Instant};
+    ///
+    /// let host = ServiceHost::new();
+    /// let channel = host.open_channel().unwrap();
+    /// let at = Instant::now() + Duration::from_millis(20);
+    /// let call = channel.begin_call_with_deadline(at).unwrap();
+    /// assert_eq!(call.deadline(), Some(at));
+    /// let (tx, rx) = std::sync::mpsc::channel();
+    /// call.register_for_cancel(tx, |reason, tx| tx.send(reason).unwrap()).unwrap();
+    /// assert_eq!(rx.recv().unwrap(), CancelReason::DeadlineExceeded);
+    /// assert!(Instant::now() >= at); // never early
+    /// ```
+    pub fn begin_call_with_deadline(&self, deadline: Instant) -> Result<Call, Error> {
+        Call::begin_with_deadline(&self.shared, deadline)
     }
 
     /// Faults the channel: refuses new calls on it and cancels every pending

@@ -83,6 +83,13 @@ impl ServiceHost {
         Call::begin(self.shared.shard())
     }
 
+    /// Starts a host-scope call with a deadline: as
+    /// [`Channel::begin_call_with_deadline`] (only a host abort or the
+    /// deadline cancels it, or its own [`cancel`](crate::OperationContext::cancel)).
+    pub fn begin_call_with_deadline(&self, deadline: Instant) -> Result<Call, Error> {
+        Call::begin_with_deadline(self.shared.shard(), deadline)
+    }
+
     /// Aborts the host (WWSAPI `WsAbortServiceHost`).
     ///
     /// * New channels and calls are refused with [`Error::HostAborted`];
@@ -125,6 +132,40 @@ impl ServiceHost {
     /// cancel callback panics.
     pub fn close(&self, timeout: Duration) -> Result<(), Error> {
         self.shared.close(timeout)
+    }
+
+    /// The async twin of [`close`](ServiceHost::close), for async servers:
+    /// refuses new work at once, awaits idle up to `timeout` (on the crate's
+    /// own timer: any runtime, or none), then aborts the rest and resolves
+    /// to `Err(Error::Timeout)`; `Ok(())` once the host is `Closed`. The
+    /// future is `Send` and blocks no thread (the abort's sweep runs the
+    /// remaining calls' cancel callbacks on the polling thread).
+    ///
+    /// Dropped before it resolves, it leaves the host as far as it got:
+    /// `Closing` (new work refused, calls running on), or `Aborted` once the
+    /// timeout passed while it was polled; nothing leaks. A later `close`
+    /// or `close_async` finishes the job.
+    ///
+    /// ```
+    /// use callcancel::{Error, HostState, ServiceHost};
+    /// use std::time::Duration;
+    ///
+    /// # let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    /// # rt.block_on(async {
+    /// let host = ServiceHost::new();
+    /// let stuck = host.begin_call().unwrap(); // ignores cancellation
+    /// let r = host.close_async(Duration::from_millis(10)).await;
+    /// assert_eq!(r, Err(Error::Timeout));
+    /// assert_eq!(host.state(), HostState::Aborted);
+    /// drop(stuck);
+    /// assert_eq!(host.close_async(Duration::from_secs(1)).await, Ok(()));
+    /// # });
+    /// ```
+    pub fn close_async(
+        &self,
+        timeout: Duration,
+    ) -> impl core::future::Future<Output = Result<(), Error>> + Send + 'static {
+        crate::wait::close::close_async(Arc::clone(&self.shared), timeout)
     }
 
     /// Starts a graceful close without blocking: an `Open` host becomes

@@ -5,15 +5,17 @@
 //! [`Channel`]s, channels carry [`Call`]s, and while a call runs it may
 //! register **one** cancel callback with application state and an optional
 //! free-state hook ([`OperationContext::register_for_cancel_with_free`],
-//! WWSAPI `WsRegisterOperationForCancel`). Aborting the host cancels every
-//! pending call with [`CancelReason::HostAbort`]; faulting a channel cancels
-//! its calls with [`CancelReason::ChannelFaulted`].
+//! WWSAPI `WsRegisterOperationForCancel`). A call is cancelled for one of
+//! four [`CancelReason`]s: its host was aborted (`HostAbort`), its channel
+//! faulted (`ChannelFaulted`: the client went away), it alone was cancelled
+//! (`CallCancelled`: a stream reset, or the call upstream of it was
+//! cancelled) or its deadline passed (`DeadlineExceeded`).
 //!
 //! ```
 //! use callcancel::{CancelReason, ServiceHost};
 //! use std::sync::atomic::{AtomicUsize, Ordering};
-//! use std::sync::Arc;
-//! use std::time::Duration;
+//! use std::sync::{mpsc, Arc};
+//! use std::time::{Duration, Instant};
 //!
 //! let host = ServiceHost::new();
 //! let channel = host.open_channel().unwrap();
@@ -34,6 +36,15 @@
 //! assert_eq!(call.cancel_reason(), Some(CancelReason::ChannelFaulted));
 //! call.complete(); // the state is freed now, exactly once
 //! assert_eq!(frees.load(Ordering::SeqCst), 1);
+//!
+//! // A call with a deadline: the crate's timer cancels it, never early.
+//! let other = host.open_channel().unwrap();
+//! let at = Instant::now() + Duration::from_millis(10);
+//! let call = other.begin_call_with_deadline(at).unwrap();
+//! let (tx, rx) = mpsc::channel();
+//! call.register_for_cancel(tx, |reason, tx| tx.send(reason).unwrap()).unwrap();
+//! assert_eq!(rx.recv().unwrap(), CancelReason::DeadlineExceeded);
+//! drop(call);
 //! assert_eq!(host.close(Duration::from_secs(1)), Ok(()));
 //! ```
 //!
@@ -42,34 +53,71 @@
 //! * **R1 cancel-once**: a call's cancel callback runs at most once, whatever
 //!   races.
 //! * **R2 free-once**: a successful registration's state is freed exactly
-//!   once; a refused one comes back in the [`RegisterError`] and none of its
-//!   callbacks runs.
+//!   once (also when a callback or a drop panics); a refused one comes back
+//!   in the [`RegisterError`] and none of its callbacks runs.
 //! * **R3 free-after-cancel**: the free never starts before the cancel
 //!   callback returned; completion does not wait for a running callback —
 //!   whoever finishes last frees.
-//! * **R4 no lost cancellation**: a call in flight when its channel faults or
-//!   its host aborts is cancelled with that reason; if the cancel came first,
-//!   the callback runs inside the registration.
+//! * **R4 no lost cancellation**: a call in flight when its channel faults,
+//!   its host aborts, it is cancelled or its deadline passes is cancelled
+//!   with that reason; if the cancel came first, the callback runs inside
+//!   the registration.
 //! * **R5 first reason wins**; **R6** nothing runs for a call that completed
 //!   uncancelled.
+//! * **R7 deadlines**: `DeadlineExceeded` is decided no earlier than the
+//!   deadline, by the crate's own timer thread (started with the first
+//!   deadline); a call that completes first leaves nothing in the timer.
 //! * **A1–A4**: see [`ServiceHost::abort`] and [`ServiceHost::close`]. A
 //!   panicking cancel callback does not stop a sweep; the first panic is
-//!   re-raised from `abort`/`fault` once every call was notified.
+//!   re-raised from `abort`/`fault`/`cancel` once every call was notified
+//!   (a callback run by the timer thread that panics is caught and dropped
+//!   there). **A5**: dropping the last `ServiceHost` of an unclosed host
+//!   aborts it.
 //!
-//! # How
+//! # How: the layers
 //!
-//! Each call's state is **one atomic word** (`state.rs` in the source draws
-//! the state machine), in a slot of its channel's slab that is reused by
-//! generation. The host reaches its channels through an `arc-swap` snapshot
-//! of a table whose entries are reclaimed through **crossbeam-epoch**; no
-//! epoch pin is held while user code runs. `cancelled()` parks on
-//! **atomic-waker**. The hot path (`begin_call`, register, complete) is two
-//! read-modify-writes on the call's own state word plus two plain stores (a
-//! thread re-occupies its leased slot with a store; abort, fault and close
-//! pay a process-wide `membarrier` for that instead: see the README's
-//! Design section), with no allocation for a state and closures of up to three words, and no
+//! Every import points down; `ci/check_layers.py` (run by CI) fails on a
+//! cycle or an upward import.
+//!
+//! ```text
+//!  7 face    call.rs  channel.rs  host.rs         public types: delegation and docs only
+//!  6 async   wait/cancel.rs  wait/idle.rs  wait/close.rs    futures over the engine
+//!  5 engine  engine/channel.rs  engine/host.rs  engine/deadline.rs   every protocol step
+//!  4 store   store/slab.rs  store/table.rs  store/host_core.rs  store/overflow.rs  store/timer.rs
+//!  3 slot    slot.rs         the state word, the callback cell and the waker of one call
+//!  2 word    state.rs        the per-call state word: bits, state machine, transitions
+//!  1 values  value/error.rs  value/panic.rs  value/stats.rs
+//!  0 seam    sync.rs (+ loom_waker.rs)   std or loom, in one place
+//! ```
+//!
+//! Where each rule is decided:
+//!
+//! | rule | decided in |
+//! |---|---|
+//! | R1 | `state.rs`: `CallState::request_cancel` (one CAS sets `CANCELLED`, and `CLAIMED` if registered) and `publish_registration` (`RunInline`) |
+//! | R2, R3 | `state.rs`: `complete` / `finish_cancel` decide the freer; `slot.rs`: `free_registration` (panic-safe) |
+//! | R4 | `engine/channel.rs`: `ChannelShared::begin` (CAS, then `SeqCst` re-check) against `fault` / `engine/host.rs` `abort` (flag, then sweep); `state.rs`: `publish_registration` |
+//! | R5 | `state.rs`: the reason bits are written once, by the deciding CAS |
+//! | R6 | `state.rs`: `request_cancel` skips `COMPLETED` and other generations |
+//! | R7 | `engine/deadline.rs` (arm, disarm before completion, expiry through `cancel_slot`); `store/timer.rs` (never early) |
+//! | A1 | `engine/channel.rs`: `ChannelShared::sweep` (a losing sweeper waits for `STARTED`: `CallState::wait_started`) |
+//! | A2 | `engine/host.rs`: `wait_idle_until`; `store/host_core.rs`: idle epoch; `state.rs`: `request_duty` / `release` (`DUTY`) |
+//! | A3 | `store/host_core.rs`: `UserCode` / `running_for` (waits from a callback answer at once); no lock held across user code |
+//! | A4 | `value/panic.rs`: `FirstPanic`; every user call site catches |
+//! | A5 | `engine/host.rs`: `Drop for HostShared` |
+//!
+//! Each call's state is **one atomic word** (`state.rs` draws the state
+//! machine), in a slot of its channel's slab that is reused by generation.
+//! The host reaches its channels through an `arc-swap` snapshot of a table
+//! whose entries are reclaimed through **crossbeam-epoch**; no epoch pin is
+//! held while user code runs. `cancelled()` parks on **atomic-waker**. The
+//! hot path (`begin_call`, register, complete) is four read-modify-writes on
+//! the call's own state word (claim, register, complete, release), with no
+//! allocation for a state and closures of up to three words, and no
 //! reference count: it writes no line shared by every call of the host (nor,
-//! in the steady state, by every call of the channel).
+//! in the steady state, by every call of the channel). `fault`, `cancel`
+//! and deadline expiry cost what they touch: no lock shared by the host and
+//! no process-wide barrier.
 //!
 //! # Memory ordering
 //!
@@ -120,3 +168,12 @@ pub use value::error::{CancelReason, Error, HostState, RegisterError, RegisterEr
 pub use value::stats::HostStats;
 pub use wait::cancel::{CancelWatch, WatchCancelled};
 pub use wait::idle::Idle;
+
+/// Under `--cfg loom` only: expires every deadline due by `now` on the
+/// calling (model) thread, since loom builds start no timer thread. Returns
+/// how many entries expired.
+#[cfg(loom)]
+#[doc(hidden)]
+pub fn loom_expire_deadlines(now: std::time::Instant) -> usize {
+    engine::deadline::timer().run_expired(now)
+}

@@ -39,7 +39,9 @@
 use core::fmt;
 use core::task::Waker;
 
-use crate::sync::{AtomicUsize, Ordering, UnsafeCell};
+// Part of the seam (layer 0): loom's types directly, not through `sync`.
+use loom::cell::UnsafeCell;
+use loom::sync::atomic::{AtomicUsize, Ordering};
 
 /// Idle: nobody holds the cell.
 const WAITING: usize = 0;

@@ -1,73 +1,63 @@
-//! The per-call state word: one `AtomicUsize` that decides R1–R3.
+//! Layer 2: the per-call state word — one `AtomicU64` that decides R1–R3,
+//! R5, R6, A1's wait and the release hand-off.
 //!
 //! Every call slot owns one [`CallState`]. All questions "who runs the cancel
-//! callback", "who frees the state", "may this slot be reused" are answered
+//! callback", "with which reason", "who frees the state", "may this slot be
+//! reused", "who looks after the channel once it is released" are answered
 //! by the *return value* of a single read-modify-write on this word, so no
 //! two threads can both believe they won. The uncontended lifecycle costs
-//! two RMWs on this (call-private) word, `publish_registration` and
-//! `complete`, when the thread occupies its leased slot (`occupy_leased`, a
-//! plain store); three with the `try_occupy` CAS otherwise. The release that
-//! follows is a plain store.
+//! four RMWs on this (call-private) word: `try_occupy` (CAS),
+//! `publish_registration`, `complete` and `release` (swap).
 //!
 //! # Bits
 //!
 //! ```text
-//!  63 .................. 10   9        8       7         6        5        4        3          2          1        0
-//! +------------------------+--------+-------+---------+--------+--------+--------+---------+------------+--------+----------+
-//! |       generation       |OVERFLOW|WAITER |COMPLETED|CB_DONE |CLAIMED |R_FAULT |CANCELLED| REGISTERED | LEASED | OCCUPIED |
-//! +------------------------+--------+-------+---------+--------+--------+--------+---------+------------+--------+----------+
+//!  63 ............ 12   11    10       9       8        7       6       5      4..3    2        1         0
+//! +------------------+------+--------+------+--------+-------+-------+-------+------+------+----------+--------+
+//! |    generation    | DUTY |OVERFLOW|WAITER|COMPLETED|CB_DONE|STARTED|CLAIMED|REASON|CANCEL|REGISTERED|OCCUPIED|
+//! +------------------+------+--------+------+--------+-------+-------+-------+------+------+----------+--------+
 //! ```
 //!
 //! | bit | meaning | set by | invariant |
 //! |---|---|---|---|
-//! | `OCCUPIED` | a live call owns the slot | `begin_call` ([`CallState::try_occupy`], [`CallState::try_occupy_and_lease`], [`CallState::occupy_leased`]) | cleared only by [`CallState::release`], which also bumps the generation |
-//! | `LEASED` | the slot is reserved for the live thread holding its lease tag (`registry.rs`) | that thread's `try_occupy_and_lease` | never cleared; `release` keeps it. A free leased word is written by nobody but the lease holder, whose `occupy_leased` is therefore a plain store |
-//! | `REGISTERED` | a registrar won the slot's one registration | the first registrar ([`CallState::publish_registration`]) | later registrars see it and fail with `AlreadyRegistered`; the registration's bytes are published separately (the slot's vtable pointer, `slot.rs`) |
-//! | `CANCELLED` | cancellation decided | the first canceller ([`CallState::request_cancel`]) | set at most once per generation; never once `COMPLETED` is set |
-//! | `R_FAULT` | reason is `ChannelFaulted` (else `HostAbort`) | the same RMW as `CANCELLED` | meaningful only with `CANCELLED`; never changes afterwards (R5) |
-//! | `CLAIMED` | a canceller owns the callback and runs it | the canceller's RMW that sets `CANCELLED` while `REGISTERED` is set | implies `CANCELLED` and `REGISTERED` |
-//! | `CB_DONE` | the claimed callback has returned | the claimer ([`CallState::finish_cancel`]) | implies `CLAIMED` |
-//! | `COMPLETED` | the owner completed the call | [`CallState::complete`] | after it, no thread but the freer writes the word (R6) |
-//! | `WAITER` | a future parked in the slot's `AtomicWaker` | the first waiter | cancellers and completers wake the `AtomicWaker` when they see it |
-//! | `OVERFLOW` | more futures parked in the channel's overflow list | later waiters | cancellers and completers wake the list when they see it |
+//! | `OCCUPIED` | a live call owns the slot | `begin` ([`CallState::try_occupy`], `SeqCst` CAS) | cleared only by [`CallState::release`], which also bumps the generation |
+//! | `REGISTERED` | a registrar won the slot's one registration | [`CallState::publish_registration`] | later registrars fail with `AlreadyRegistered`; the bytes are published through the slot's vtable pointer (`slot.rs`) |
+//! | `CANCELLED` + `REASON` (2 bits) | cancellation decided, and why (`HostAbort` 0, `ChannelFaulted` 1, `CallCancelled` 2, `DeadlineExceeded` 3) | the first canceller's CAS ([`CallState::request_cancel`]) | set at most once per generation, never after `COMPLETED`; the reason never changes (R5) |
+//! | `CLAIMED` | a canceller owns the callback | the same CAS, when `REGISTERED` is set | implies `CANCELLED` and `REGISTERED` |
+//! | `STARTED` | the callback was invoked (A1) | [`CallState::mark_started`], by the claimer or the inline registrar, right before calling it | implies `CANCELLED` and `REGISTERED`; losing sweepers wait for it ([`CallState::wait_started`]) |
+//! | `CB_DONE` | the claimed callback returned | [`CallState::finish_cancel`] | implies `CLAIMED` |
+//! | `COMPLETED` | the owner completed the call | [`CallState::complete`] | afterwards only the freer writes the word, plus a `DUTY` request |
+//! | `WAITER` | the primary `cancelled()` future parked in the slot's `AtomicWaker` | [`CallState::announce_waiter`] | cleared by a dropped primary ([`CallState::withdraw_waiter`]) or the release |
+//! | `OVERFLOW` | futures parked in the channel's overflow list | [`CallState::announce_waiter`] | cleared by the release |
+//! | `DUTY` | a scanner (last handle's drop, idle waiter) found the slot finishing and handed the freer a strong channel reference: run the release duties after the release | [`CallState::request_duty`] (CAS, only while finishing) | read by the release swap |
 //!
 //! # State machine (one generation of one slot)
 //!
 //! ```text
-//!                    try_occupy
+//!                    try_occupy (CAS)
 //!   FREE(g) ─────────────────────────▶ OCCUPIED ───────────── request_cancel (nothing registered):
-//!      ▲                                  │                  CANCELLED, no claim; a later
-//!      │ release: plain store of          │ publish_registration   publish_registration returns
-//!      │ FREE(g+1) by the freer           ▼                  RunInline: the registrar runs the
-//!      │                              REGISTERED             callback inside register (R4)
+//!      ▲                                  │                  CANCELLED|reason; a later
+//!      │ release: swap to FREE(g+1)       │ publish_registration   publish_registration returns
+//!      │ by the freer (a DUTY found        ▼                  RunInline: the registrar sets
+//!      │ makes it run the duties)     REGISTERED             STARTED and runs the callback (R4)
 //!      │          request_cancel:        │   │
 //!      │          CANCELLED|CLAIMED      │   │ complete (owner): COMPLETED → owner frees
-//!      │          (canceller runs the    ▼   ▼
-//!      │          callback, unpinned)  CLAIMED    COMPLETED ──▶ owner frees, then release
+//!      │          → mark_started         ▼   ▼
+//!      │          → callback        CLAIMED|STARTED   COMPLETED ──▶ owner frees, then release
 //!      │                  complete │     │ finish_cancel
 //!      │                           ▼     ▼
-//!      │          CLAIMED|COMPLETED     CLAIMED|CB_DONE
+//!      │          ..|COMPLETED          ..|CB_DONE
 //!      │       (owner returns at once:    │ complete: owner frees, then release
 //!      │        whoever finishes last     │
 //!      │        frees)                    │
 //!      └── finish_cancel: canceller frees, then release
 //! ```
 //!
-//! # Reachable combinations (ignoring `WAITER`/`OVERFLOW`, which may be added
-//! to any row while `COMPLETED` is clear, and `LEASED`, which may be set in
-//! any row and stays)
-//!
-//! | OCC | REG | CANC | CLAIM | CB_DONE | COMPL | meaning |
-//! |---|---|---|---|---|---|---|
-//! | 0 | 0 | 0 | 0 | 0 | 0 | free slot (only the generation is non-zero) |
-//! | 1 | 0 | 0 | 0 | 0 | 0 | call running, nothing registered |
-//! | 1 | 1 | 0 | 0 | 0 | 0 | armed: a cancel will claim the callback |
-//! | 1 | 0 | 1 | 0 | 0 | 0 | cancelled before registration: a registrar will run the callback inline |
-//! | 1 | 1 | 1 | 0 | 0 | 0 | cancelled, callback ran (or runs) inline in the registrar |
-//! | 1 | 1 | 1 | 1 | 0 | 0 | a canceller runs the callback |
-//! | 1 | 1 | 1 | 1 | 1 | 0 | the callback returned, call still running |
-//! | 1 | 1 | 1 | 1 | 0 | 1 | completed while the callback runs: the canceller will free |
-//! | 1 | x | x | x | x | 1 | completed, freer running (the "finishing" phase); `release` follows |
+//! "Finishing" ([`Snapshot::is_finishing`]) = `COMPLETED` and the freer
+//! decided (not `CLAIMED`, or `CB_DONE`): the freer runs the free-state and
+//! wakes watches, then releases. A scanner that must know when the slot is
+//! released (an idle waiter, the last handle's drop) CASes `DUTY` onto a
+//! finishing word instead of polling; the freer's release swap returns it.
 //!
 //! # Memory ordering
 //!
@@ -81,28 +71,26 @@
 //!   `finish_cancel` (`SeqCst` RMW). The owner's `complete` RMW (`SeqCst`) that
 //!   reads `CB_DONE` sees the cell as the claimer left it; a claimer whose
 //!   `finish_cancel` reads `COMPLETED` owns the cell outright. (Pair 2.)
-//! * `release` stores the next generation with `Release`; the next
-//!   `try_occupy` (`SeqCst` CAS) reads it and so sees the emptied cell.
-//!   (Pair 3.) A plain store is enough because after `COMPLETED` (owner
-//!   frees) or `CB_DONE` with `COMPLETED` (canceller frees) no other thread
-//!   writes the word: cancellers, registrars and waiters all back off on
-//!   `COMPLETED`, and claimers need `OCCUPIED` clear.
-//! * `try_occupy` is `SeqCst` and is followed by a `SeqCst` re-check of the
-//!   host and channel flags; an abort or fault sets its flag with a `SeqCst`
-//!   RMW before its sweep loads slot states with `SeqCst`. In the single total
-//!   order of `SeqCst` operations either the re-check sees the flag (the call
-//!   is refused) or the sweep sees the slot occupied (the call is cancelled):
-//!   never neither (R4). `occupy_leased` is a plain store instead; there the
-//!   pair is the asymmetric fence of `sync::asym`: a compiler fence between
-//!   the store and the re-check, a process-wide membarrier between the
-//!   sweeper's flag RMW and its loads. Its `Acquire` load pairs with
-//!   `release` (pair 3) like the CAS does.
+//! * `release` swaps in the next generation (`SeqCst`, so at least
+//!   release); the next `try_occupy` (`SeqCst` CAS) reads it and so sees the
+//!   emptied cell. (Pair 3.)
+//! * R4: `try_occupy` is `SeqCst` and is followed by a `SeqCst` re-check of
+//!   the host and channel flags; an abort or fault sets its flag with a
+//!   `SeqCst` RMW before its sweep loads slot states with `SeqCst`. In the
+//!   single total order of `SeqCst` operations either the re-check sees the
+//!   flag (the call is refused) or the sweep sees the slot occupied (the
+//!   call is cancelled): never neither. No asymmetric fence, no
+//!   process-wide barrier.
 //! * The RMW that makes a thread the freer (`complete` or `finish_cancel`) is
-//!   `SeqCst` and is followed by a `SeqCst` load of the host's idle-waiter
-//!   count; `wait_idle` increments that count (`SeqCst`) before it scans. So a
-//!   freer either sees the waiter (and notifies it after `release`), or the
-//!   waiter sees the slot already in its finishing phase and polls it
-//!   briefly instead of sleeping (`host.rs`).
+//!   `SeqCst` and is followed by `SeqCst` loads of the host's idle-waiter
+//!   count and the channel's handle count; a waiter (or the last handle's
+//!   drop) writes those (`SeqCst`) before its census. So a freer either sees
+//!   the waiter (and notifies after its release), or the census sees the
+//!   slot not yet decided (its freer will see the waiter), or sees it
+//!   finishing and hands the duty over with `DUTY` (`SeqCst` CAS, read by
+//!   the `SeqCst` release swap).
+//! * A1: `mark_started` is a `Release` RMW; `wait_started` loads with
+//!   `Acquire`.
 //! * `is_cancelled()` is one `Acquire` load, pairing with the `AcqRel`
 //!   RMW that set `CANCELLED` (P4).
 

@@ -112,9 +112,10 @@ impl Server {
     /// 2. `host.begin_close()`: new calls are refused (UNAVAILABLE / 503);
     /// 3. GOAWAY / connection close to every connection (hyper-util
     ///    `GracefulShutdown`);
-    /// 4. waits for the host to be idle, up to the close timeout;
-    /// 5. else `host.abort()` (calls cancelled with `HostAbort`) and waits for
-    ///    idle again, up to the abort grace;
+    /// 4. waits for the host to be idle, up to the close timeout
+    ///    (`host.close_async(close_timeout)`);
+    /// 5. else the host is aborted (calls cancelled with `HostAbort`) and
+    ///    shutdown waits for idle again, up to the abort grace;
     /// 6. waits for connections to finish, up to the drain grace, and drops
     ///    those still running (their channels fault).
     ///
@@ -182,17 +183,16 @@ impl Server {
         let t0 = Instant::now();
         host.begin_close();
         let mut goaway = tokio::spawn(graceful.shutdown());
-        let graceful_idle = tokio::time::timeout(self.close_timeout, host.idle())
-            .await
-            .is_ok();
+        // Waits for idle up to the close timeout, on the core's own timer;
+        // at the timeout it aborts the host (HostAbort) and says so.
+        let graceful_idle = host.close_async(self.close_timeout).await.is_ok();
         let mut aborted = false;
         let mut idle = graceful_idle;
         if !graceful_idle {
             aborted = true;
             tracing::warn!(target: "callcancel", in_flight = host.in_flight(),
                 timeout_ms = self.close_timeout.as_millis() as u64,
-                "shutdown: close timeout passed, aborting the host");
-            host.abort();
+                "shutdown: close timeout passed, host aborted");
             idle = tokio::time::timeout(self.abort_grace, host.idle())
                 .await
                 .is_ok();

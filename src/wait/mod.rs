@@ -2,4 +2,5 @@
 //! they park wakers, never spawn.
 
 pub(crate) mod cancel;
+pub(crate) mod close;
 pub(crate) mod idle;
