@@ -11,6 +11,6 @@
 # hyper-util and axum with the soak's own, smaller feature set: ~1 min more
 # on the 2-core machine). The soak binary is then run directly.
 set -euo pipefail
-cargo build --release -p callcancel-tower --example grpc_demo -p callcancel-soak
+cargo build --release -p callcancel-tower --example grpc_demo -p callcancel-soak --bin callcancel-soak
 target=${CARGO_TARGET_DIR:-target}
 exec "$target/release/callcancel-soak" "$target/release/examples/grpc_demo"

@@ -10,8 +10,8 @@
 //! * `socket-kill`: a fresh connection whose socket is shut down
 //!   (`shutdown(2)`, no RST_STREAM first) after 0–150 ms with 2–10 calls in
 //!   flight; the calls' answers are awaited.
-//! * `burst`: 10–80 concurrent calls on a shared connection, all dropped at
-//!   once after 2–40 ms (a burst of stream resets).
+//! * `burst`: 10–80 concurrent calls on one of two burst connections, all
+//!   dropped at once after 2–40 ms (a burst of stream resets).
 //!
 //! Every awaited client future is wrapped in a hard timeout: its deadline
 //! + 2 s, or the longest call + 2 s; a hit is a violation.
@@ -107,6 +107,22 @@ impl Tally {
 /// Outcome label of a client-dropped call.
 pub const DROPPED: &str = "client-dropped";
 
+/// The error chain under a status (`: a: b`), empty if none.
+fn sources(s: &Status) -> String {
+    let mut out = String::new();
+    let mut e = std::error::Error::source(s);
+    let mut n = 0;
+    while let Some(err) = e {
+        if n == 8 {
+            break;
+        }
+        out.push_str(&format!(": {err}"));
+        e = err.source();
+        n += 1;
+    }
+    out
+}
+
 fn label(r: &Result<WorkReply, Status>) -> String {
     match r {
         Ok(_) => "Ok".into(),
@@ -122,6 +138,10 @@ pub struct Load {
     /// demo's (see `finish`): reported, fatal only with `SOAK_STRICT=1`.
     pub warnings: Violations,
     shared: Vec<DemoClient>,
+    /// Bursts of resets go on connections of their own: a burst may trip
+    /// A's HTTP/2 rapid-reset defence (hyper's pending-accept reset limit),
+    /// which closes the connection with every call on it.
+    bursts: Vec<DemoClient>,
     pub tally: Tally,
     pub violations: Arc<Violations>,
     stop: AtomicBool,
@@ -182,8 +202,12 @@ impl Load {
         let shared = (0..SHARED)
             .map(|_| DemoClient::new(endpoint(addr).connect_lazy()))
             .collect();
+        let bursts = (0..2)
+            .map(|_| DemoClient::new(endpoint(addr).connect_lazy()))
+            .collect();
         Self {
             addr,
+            bursts,
             t0: Instant::now(),
             warnings: Violations::quiet(),
             shared,
@@ -251,21 +275,42 @@ impl Load {
             // under a request A's client had queued or sent; tonic maps
             // hyper's "canceled" to CANCELLED and the demo's Relay passes
             // the downstream status through although nobody cancelled.
-            Err(s) if strict && d.method == Method::Relay && s.code() == Code::Cancelled => {
+            // A Relay whose A -> B connection was closed under it by B's
+            // HTTP/2 rapid-reset defence (GOAWAY ENHANCE_YOUR_CALM), tripped
+            // by A propagating a burst of client cancels as RST_STREAMs on
+            // that one connection: A passes the transport error through.
+            Err(s)
+                if strict
+                    && d.method == Method::Relay
+                    && matches!(s.code(), Code::Unknown | Code::ResourceExhausted) =>
+            {
                 self.warnings.add(format!(
-                    "t={:.1}s {scenario}: Relay({} ms) without deadline or cancel answered CANCELLED: {:?}",
+                    "t={:.1}s {scenario}: Relay({} ms) without deadline or cancel answered {:?} (A -> B connection lost): {:?}{}",
                     self.t0.elapsed().as_secs_f64(),
                     d.millis,
-                    s.message()
+                    s.code(),
+                    s.message(),
+                    sources(s)
+                ));
+            }
+            Err(s) if strict && d.method == Method::Relay && s.code() == Code::Cancelled => {
+                self.warnings.add(format!(
+                    "t={:.1}s {scenario}: Relay({} ms) without deadline or cancel answered CANCELLED: {:?}{}",
+                    self.t0.elapsed().as_secs_f64(),
+                    d.millis,
+                    s.message(),
+                    sources(s)
                 ));
             }
             Err(s) if strict && (d.method != Method::Relay || s.code() != Code::Unavailable) => {
                 self.violations.add(format!(
-                    "{scenario}: {:?}({} ms) without deadline or cancel answered {:?}: {}",
+                    "t={:.1}s {scenario}: {:?}({} ms) without deadline or cancel answered {:?}: {}{}",
+                    self.t0.elapsed().as_secs_f64(),
                     d.method,
                     d.millis,
                     s.code(),
-                    s.message()
+                    s.message(),
+                    sources(s)
                 ));
             }
             _ => {}
@@ -392,7 +437,7 @@ impl Load {
     }
 
     async fn burst(&self, rng: &mut fastrand::Rng) {
-        let client = self.shared(rng);
+        let client = self.bursts[rng.usize(..self.bursts.len())].clone();
         let k = rng.usize(10..=80);
         let set = self.spawn_calls(rng, &client, k, 50);
         sleep(Duration::from_millis(rng.u64(2..=40))).await;

@@ -103,11 +103,21 @@ impl Server {
         let stderr = Arc::new(Mutex::new(VecDeque::new()));
         let keep = Arc::clone(&stderr);
         let err = child.stderr.take().expect("piped stderr");
+        // SOAK_LOG_DIR: each demo's whole stderr (with RUST_LOG, its tracing)
+        // goes to DIR/NAME.log as well.
+        let mut log = std::env::var_os("SOAK_LOG_DIR").and_then(|d| {
+            let p = Path::new(&d).join(format!("{}.log", name.replace('#', "")));
+            std::fs::File::create(p).ok()
+        });
         std::thread::Builder::new()
             .name(format!("{name}-stderr"))
             .spawn(move || {
                 for line in BufReader::new(err).lines() {
                     let Ok(line) = line else { break };
+                    if let Some(f) = log.as_mut() {
+                        use std::io::Write;
+                        let _ = writeln!(f, "{line}");
+                    }
                     let mut k = keep.lock().unwrap();
                     if k.len() == STDERR_KEEP {
                         k.pop_front();
