@@ -65,7 +65,13 @@ fn cancel_error(reason: CancelReason) -> BoxError {
 ///   [`status_for`](crate::status_for)) when the call is cancelled, for any
 ///   reason, before or while the response or its body arrive; the request
 ///   future and body are dropped, which resets the HTTP/2 stream
-///   (RST_STREAM(CANCEL)); over HTTP/1 it closes the connection.
+///   (RST_STREAM(CANCEL)); over HTTP/1 it closes the connection;
+/// * if its response (or error) arrives once the call's deadline has passed,
+///   fails with `DEADLINE_EXCEEDED` when the core's timer has cancelled the
+///   call (within the core's timer bound): a tonic `Channel` that enforces
+///   the propagated `grpc-timeout` itself, or a downstream answering
+///   DEADLINE_EXCEEDED at the same instant, cannot let the handler finish
+///   the call before its own deadline cancels it.
 ///
 /// Requests with the [`Detached`] extension, made inside
 /// [`detached`](crate::detached), or made with no current call, pass
@@ -129,6 +135,8 @@ where
         let Some(call) = current else {
             return PropagateFuture {
                 state: Some(Err(None)),
+                deadline: None,
+                held: None,
                 fut: Some(self.inner.call(req)),
             };
         };
@@ -148,12 +156,15 @@ where
             req.headers_mut()
                 .insert(GRPC_TIMEOUT, format_grpc_timeout(t));
         }
+        let deadline = call.deadline();
         let watch = call.watch();
         // Only the watch goes along: the outgoing request must not keep the
         // incoming call in flight.
         drop(call);
         PropagateFuture {
             state: Some(Ok(watch.cancelled())),
+            deadline,
+            held: None,
             fut: Some(self.inner.call(req)),
         }
     }
@@ -161,20 +172,30 @@ where
 
 pin_project! {
     /// The response future of [`Propagate`].
-    pub struct PropagateFuture<F> {
+    pub struct PropagateFuture<F>
+    where
+        F: Future,
+    {
         // Ok(watch): propagating; Err(Some(reason)): fail at once (the
         // request was never handed to the inner service); Err(None): pass
         // through.
         state: Option<Result<WatchCancelled, Option<CancelReason>>>,
+        // The current call's deadline, if it has one.
+        deadline: Option<Instant>,
+        // The inner result, held once the deadline passed until the core's
+        // timer has cancelled the call.
+        held: Option<F::Output>,
         #[pin]
         fut: Option<F>,
     }
 }
 
-impl<F> PropagateFuture<F> {
+impl<F: Future> PropagateFuture<F> {
     fn failed(reason: CancelReason) -> Self {
         Self {
             state: Some(Err(Some(reason))),
+            deadline: None,
+            held: None,
             fut: None,
         }
     }
@@ -188,7 +209,7 @@ where
     type Output = Result<Response<PropagateBody<RB>>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
+        let mut this = self.project();
         let mut watching = None;
         match this.state.take() {
             Some(Err(Some(reason))) => return Poll::Ready(Err(cancel_error(reason))),
@@ -202,22 +223,42 @@ where
             },
             _ => {}
         }
-        let fut = this.fut.as_pin_mut().expect("polled after completion");
-        match fut.poll(cx) {
-            Poll::Pending => {
-                *this.state = Some(watching.ok_or(None));
-                Poll::Pending
-            }
-            Poll::Ready(r) => Poll::Ready(
-                r.map(|resp| {
-                    resp.map(|inner| PropagateBody {
-                        inner,
-                        watch: watching,
-                    })
-                })
-                .map_err(Into::into),
-            ),
+        let r = match this.held.take() {
+            Some(r) => r,
+            None => match this
+                .fut
+                .as_mut()
+                .as_pin_mut()
+                .expect("polled after completion")
+                .poll(cx)
+            {
+                Poll::Pending => {
+                    *this.state = Some(watching.ok_or(None));
+                    return Poll::Pending;
+                }
+                Poll::Ready(r) => r,
+            },
+        };
+        if watching.is_some() && this.deadline.is_some_and(|d| Instant::now() >= d) {
+            // The call's deadline has passed and the core's timer is about
+            // to cancel it (a tonic `Channel` enforcing the propagated
+            // `grpc-timeout` locally, or a downstream answering
+            // DEADLINE_EXCEEDED, got there first): wait for that, so the
+            // call is cancelled before its handler can finish it.
+            *this.held = Some(r);
+            *this.state = Some(watching.ok_or(None));
+            this.fut.set(None);
+            return Poll::Pending;
         }
+        Poll::Ready(
+            r.map(|resp| {
+                resp.map(|inner| PropagateBody {
+                    inner,
+                    watch: watching,
+                })
+            })
+            .map_err(Into::into),
+        )
     }
 }
 
@@ -397,5 +438,39 @@ mod tests {
         );
         let _ = e;
         assert!(seen.lock().unwrap().is_empty());
+    }
+
+    /// A response that arrives after the call's deadline (a transport timing
+    /// the propagated `grpc-timeout` out itself) is held until the core's
+    /// timer cancelled the call: the request fails with DeadlineExceeded and
+    /// the call is cancelled with it, never finished first.
+    #[tokio::test]
+    async fn result_after_the_deadline_waits_for_the_cancel() {
+        let host = ServiceHost::new();
+        let deadline = Instant::now() + Duration::from_millis(20);
+        let call = CurrentCall::new(
+            host.begin_call_with_deadline(deadline).unwrap(),
+            http::Uri::from_static("/x"),
+        );
+        // The transport answers exactly at the deadline (before or after the
+        // core's timer: either way the result must be the cancellation).
+        let mut svc = Propagate::new(tower_util_fn(move |_req: Request<()>| async move {
+            tokio::time::sleep_until(deadline.into()).await;
+            Ok::<_, Infallible>(Response::new(String::new()))
+        }));
+        let e = call
+            .scope(async { svc.call(Request::new(())).await })
+            .await
+            .unwrap_err();
+        #[cfg(feature = "tonic")]
+        assert_eq!(
+            e.downcast_ref::<tonic::Status>().unwrap().code(),
+            tonic::Code::DeadlineExceeded
+        );
+        let _ = e;
+        assert_eq!(
+            call.cancel_reason(),
+            Some(crate::cc::CancelReason::DeadlineExceeded)
+        );
     }
 }

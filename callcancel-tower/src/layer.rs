@@ -24,13 +24,69 @@ tokio::task_local! {
     static CURRENT: Option<CurrentCall>;
 }
 
-/// The channel of the connection a request came on, as a request extension.
+type InsertInfo = Arc<dyn Fn(&mut http::Extensions) + Send + Sync>;
+
+/// The channel of the connection a request came on, as a request extension
+/// (or as axum's `ConnectInfo<ConnectionChannel>`).
 ///
 /// [`Server`](crate::Server) bakes the channel into each connection's
 /// [`CallService`] instead; this extension is for stacks that insert
-/// per-connection data themselves (e.g. a `Connected` implementation).
-#[derive(Clone, Debug)]
-pub struct ConnectionChannel(pub Channel);
+/// per-connection data themselves: tonic's `Server` (through
+/// [`CallIo`](crate::CallIo)'s `Connected` implementation and
+/// `CallIncoming`, feature `tonic-server`) and `axum::serve` (through
+/// `CallListener`, feature `axum`).
+#[derive(Clone)]
+pub struct ConnectionChannel {
+    channel: Channel,
+    info: Option<InsertInfo>,
+}
+
+impl ConnectionChannel {
+    /// The connection's `channel`.
+    pub fn new(channel: Channel) -> Self {
+        Self {
+            channel,
+            info: None,
+        }
+    }
+
+    /// The connection's `channel`, and connect info of the transport (e.g.
+    /// tonic's `TcpConnectInfo`) that [`CallService`] inserts into each
+    /// request's extensions, where the stack would have put it.
+    pub fn with_info<I: Clone + Send + Sync + 'static>(channel: Channel, info: I) -> Self {
+        Self {
+            channel,
+            info: Some(Arc::new(move |ext: &mut http::Extensions| {
+                ext.insert(info.clone());
+            })),
+        }
+    }
+
+    /// The connection's channel.
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+}
+
+impl fmt::Debug for ConnectionChannel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConnectionChannel")
+            .field("channel", &self.channel)
+            .field("info", &self.info.is_some())
+            .finish()
+    }
+}
+
+/// The connection's channel among a request's extensions, if any.
+fn connection_channel(ext: &http::Extensions) -> Option<&ConnectionChannel> {
+    let found = ext.get::<ConnectionChannel>();
+    #[cfg(feature = "axum")]
+    let found = found.or_else(|| {
+        ext.get::<axum::extract::ConnectInfo<ConnectionChannel>>()
+            .map(|c| &c.0)
+    });
+    found
+}
 
 struct CallCell {
     call: Call,
@@ -251,20 +307,25 @@ where
             self.cfg.max_timeout,
         );
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
-        let ext;
-        let channel = match &self.channel {
-            Some(c) => Some(c),
-            None => {
-                ext = req.extensions().get::<ConnectionChannel>().cloned();
-                ext.as_ref().map(|c| &c.0)
+        let mut insert_info = None;
+        let begun = {
+            let channel = match &self.channel {
+                Some(c) => Some(c),
+                None => connection_channel(req.extensions()).map(|c| {
+                    insert_info.clone_from(&c.info);
+                    &c.channel
+                }),
+            };
+            match (channel, deadline) {
+                (Some(c), Some(d)) => c.begin_call_with_deadline(d),
+                (Some(c), None) => c.begin_call(),
+                (None, Some(d)) => self.cfg.host.begin_call_with_deadline(d),
+                (None, None) => self.cfg.host.begin_call(),
             }
         };
-        let begun = match (channel, deadline) {
-            (Some(c), Some(d)) => c.begin_call_with_deadline(d),
-            (Some(c), None) => c.begin_call(),
-            (None, Some(d)) => self.cfg.host.begin_call_with_deadline(d),
-            (None, None) => self.cfg.host.begin_call(),
-        };
+        if let Some(insert) = insert_info {
+            insert(req.extensions_mut());
+        }
         let call = match begun {
             Ok(call) => call,
             Err(e) => {

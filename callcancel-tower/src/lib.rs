@@ -4,9 +4,11 @@
 //! servers and clients:
 //!
 //! * **Connections are channels.** [`Server`] (or [`CallIo`] in an accept
-//!   loop of your own) opens a channel per accepted connection, refuses the
-//!   connection if the host refuses, and faults the channel when the
-//!   connection ends (EOF, IO error, reset, or the connection task dropped).
+//!   loop of your own; `CallIncoming` for tonic's own `Server`, feature
+//!   `tonic-server`; `CallListener` for `axum::serve`, feature `axum`)
+//!   opens a channel per accepted connection, refuses the connection if the
+//!   host refuses, and faults the channel when the connection ends (EOF, IO
+//!   error, reset, or the connection task dropped).
 //! * **Requests are calls.** [`CallLayer`] begins a call per request on its
 //!   connection's channel, with the request's `grpc-timeout` deadline (or a
 //!   default), hands it to the handler as [`CurrentCall`] (request extension
@@ -33,6 +35,7 @@
 pub mod cc;
 mod client;
 mod conn;
+mod incoming;
 mod layer;
 mod server;
 mod status;
@@ -40,6 +43,10 @@ mod timeout;
 
 pub use client::{Cancelled, Detached, Propagate, PropagateBody, PropagateFuture, PropagateLayer};
 pub use conn::{CallIo, FaultOnDrop};
+#[cfg(feature = "tonic-server")]
+pub use incoming::CallIncoming;
+#[cfg(feature = "axum")]
+pub use incoming::CallListener;
 pub use layer::{
     detached, CallBody, CallLayer, CallService, ConnectionChannel, CurrentCall, ResponseFuture,
 };

@@ -7,6 +7,7 @@ mod common;
 use std::sync::atomic::Ordering::SeqCst;
 use std::time::{Duration, Instant};
 
+use callcancel_tower::cc::CancelReason;
 use common::*;
 use tonic::Code;
 
@@ -51,6 +52,12 @@ async fn client_reset_cancels_only_that_call() {
         );
         assert_eq!(st.completed, 1);
         assert_eq!(s.host.in_flight(), 0);
+        // The connection is still open: one channel, nothing in flight.
+        let hs = s.host.stats();
+        assert_eq!((hs.channels, hs.in_flight), (1, 0), "{hs:?}");
+        assert_eq!(hs.cancelled(CancelReason::CallCancelled), 1, "{hs:?}");
+        drop(client);
+        s.assert_drained().await;
     })
     .await
 }
@@ -109,6 +116,9 @@ async fn disconnect_cancels_every_call_of_the_connection() {
             st.line()
         );
         assert_eq!(s.host.in_flight(), 0);
+        assert_eq!(s.host.stats().cancelled(CancelReason::ChannelFaulted), 3);
+        drop((via, proxy));
+        s.assert_drained().await;
     })
     .await
 }
@@ -156,6 +166,9 @@ async fn grpc_timeout_deadline_cancels_with_deadline_exceeded() {
             "{}",
             st.line()
         );
+        assert_eq!(s.host.stats().cancelled(CancelReason::DeadlineExceeded), 2);
+        drop(c);
+        s.assert_drained().await;
     })
     .await
 }
@@ -201,12 +214,15 @@ async fn bad_grpc_timeout_values_are_ignored() {
         assert_eq!(c.work(r).await.unwrap_err().code(), Code::DeadlineExceeded);
         s.assert_all_freed().await;
         assert_eq!(s.stats().cancelled_deadline, 1);
+        drop(c);
+        s.assert_drained().await;
     })
     .await
 }
 
-/// Opening and dropping connections (with and without calls) leaves the host
-/// with nothing in flight and every call freed.
+/// Opening and dropping connections (with and without calls, and raw TCP
+/// connections that never speak HTTP) leaves the host with no channel,
+/// nothing in flight and every call freed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_churn_leaves_nothing_in_flight() {
     hard(async {
@@ -226,9 +242,33 @@ async fn connection_churn_leaves_nothing_in_flight() {
             let c = tokio::net::TcpStream::connect(s.addr).await.unwrap();
             drop(c);
         }
-        wait_until(Duration::from_secs(5), || s.host.in_flight() == 0).await;
+        s.assert_drained().await;
         s.assert_all_freed().await;
         assert_eq!(s.stats().in_flight, 0);
+        let hs = s.host.stats();
+        assert_eq!((hs.channels, hs.in_flight), (0, 0), "{hs:?}");
+        // An aborted RPC may reach the server after its connection hit EOF:
+        // its channel is faulted and refuses the call.
+        assert!(hs.refused <= 20, "{hs:?}");
+        // Each aborted RPC whose handler started was cancelled (a reset or
+        // its connection's end, whichever came first); the core may count a
+        // few more (calls begun whose handler never ran), at most one per
+        // aborted RPC, and nothing else.
+        let st = s.stats();
+        assert_eq!(st.completed, 20, "{}", st.line());
+        assert_eq!(
+            st.cancelled_call + st.cancelled_channel_faulted,
+            st.started - 20,
+            "{}",
+            st.line()
+        );
+        let core =
+            hs.cancelled(CancelReason::CallCancelled) + hs.cancelled(CancelReason::ChannelFaulted);
+        assert!(
+            (st.started - 20..=20).contains(&core),
+            "{hs:?} {}",
+            st.line()
+        );
     })
     .await
 }

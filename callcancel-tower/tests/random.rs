@@ -80,6 +80,9 @@ async fn randomized_cancels_and_deadlines() {
             ok += t.await.unwrap();
         }
         drop(clients);
+        // A's connections are gone with its clients: no channel left on A
+        // (B keeps A's downstream connection until A's demo is dropped).
+        a.assert_drained().await;
         for s in [&a, &b] {
             s.assert_all_freed().await;
             wait_until(Duration::from_secs(5), || s.host.in_flight() == 0).await;

@@ -129,6 +129,12 @@ async fn dropped_server_stream_stops_its_producer() {
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(producer.produced.load(SeqCst), n, "producer still running");
         wait_until(Duration::from_secs(5), || host.in_flight() == 0).await;
+        // The connection is still open: its channel stays, with no call.
+        let hs = host.stats();
+        assert_eq!((hs.channels, hs.in_flight), (1, 0), "{hs:?}");
+        assert_eq!(hs.cancelled(CancelReason::CallCancelled), 1, "{hs:?}");
+        drop(grpc);
+        assert_host_drained(&host).await;
         tx.send(()).unwrap();
         let report = server.await.unwrap();
         assert!(report.graceful, "{report:?}");

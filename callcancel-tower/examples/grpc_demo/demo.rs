@@ -245,8 +245,8 @@ impl Demo {
             Ok(_) => self.done(&call, id),
             Err(status) => Err(match call.cancel_reason() {
                 Some(reason) => status_for(reason),
-                // The downstream client saw our deadline pass a moment
-                // before our own timer cancelled us.
+                // Not expected: `Propagate` holds a downstream result that
+                // arrives after our deadline until our timer cancelled us.
                 None if call.remaining() == Some(Duration::ZERO) => {
                     status_for(CancelReason::DeadlineExceeded)
                 }

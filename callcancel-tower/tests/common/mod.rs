@@ -99,6 +99,12 @@ impl TestServer {
         self.task.take().expect("shut down once")
     }
 
+    /// No connection's channel and no call left on the host (bounded wait):
+    /// call once every client of this server is dropped.
+    pub async fn assert_drained(&self) {
+        assert_host_drained(&self.host).await;
+    }
+
     /// Every started call was freed (waits a bounded time for it).
     pub async fn assert_all_freed(&self) {
         let c = self.counters();
@@ -125,6 +131,23 @@ impl Drop for TestServer {
             t.abort();
         }
         self.host.abort();
+    }
+}
+
+/// The host's channels (connections) and calls are all gone: waits (bounded)
+/// until `stats().channels == 0` and `stats().in_flight == 0`.
+pub async fn assert_host_drained(host: &ServiceHost) {
+    let t0 = Instant::now();
+    loop {
+        let st = host.stats();
+        if st.channels == 0 && st.in_flight == 0 {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "host not drained: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
