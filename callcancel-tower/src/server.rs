@@ -62,6 +62,7 @@ pub struct Server {
     close_timeout: Duration,
     abort_grace: Duration,
     drain_grace: Duration,
+    max_pending_accept_reset_streams: Option<usize>,
 }
 
 impl Server {
@@ -78,7 +79,19 @@ impl Server {
             close_timeout: Duration::from_secs(1),
             abort_grace: Duration::from_millis(500),
             drain_grace: Duration::from_millis(500),
+            max_pending_accept_reset_streams: None,
         }
+    }
+
+    /// HTTP/2: how many streams a client may reset before the server has
+    /// accepted them, before the connection is closed with
+    /// `ENHANCE_YOUR_CALM` (hyper's rapid-reset guard; its default is 20).
+    /// A server downstream of services that propagate cancellation (an
+    /// upstream call cancelled with many calls relayed on one connection
+    /// resets them all at once) may need more; `None` keeps hyper's default.
+    pub fn max_pending_accept_reset_streams(mut self, max: impl Into<Option<usize>>) -> Self {
+        self.max_pending_accept_reset_streams = max.into();
+        self
     }
 
     /// How long shutdown waits for in-flight calls before aborting the host.
@@ -139,7 +152,10 @@ impl Server {
         F: Future<Output = ()>,
     {
         let host = self.host().clone();
-        let builder = auto::Builder::new(TokioExecutor::new());
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        if let Some(max) = self.max_pending_accept_reset_streams {
+            builder.http2().max_pending_accept_reset_streams(max);
+        }
         let graceful = GracefulShutdown::new();
         let mut conns = JoinSet::new();
         tokio::pin!(signal);

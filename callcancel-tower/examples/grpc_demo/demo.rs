@@ -15,6 +15,7 @@ use std::time::Duration;
 use callcancel_tower::cc::{CancelReason, OperationContext, ServiceHost};
 use callcancel_tower::{status_for, CurrentCall, Propagate, PropagateLayer};
 use http::uri::PathAndQuery;
+use tonic::Code;
 use tonic::{Request, Response, Status};
 use tower::Layer;
 
@@ -249,6 +250,12 @@ impl Demo {
                 // arrives after our deadline until our timer cancelled us.
                 None if call.remaining() == Some(Duration::ZERO) => {
                     status_for(CancelReason::DeadlineExceeded)
+                }
+                // Nobody cancelled us: the downstream service or the
+                // connection to it failed (e.g. it restarted). Its
+                // CANCELLED or transport error is UNAVAILABLE to our client.
+                None if matches!(status.code(), Code::Cancelled | Code::Unknown) => {
+                    Status::unavailable(format!("downstream: {}", status.message()))
                 }
                 None => status,
             }),
