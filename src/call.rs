@@ -362,7 +362,10 @@ impl Drop for Call {
         }
         // Nothing touches the channel or slot after the release inside
         // `complete` except through a reference it takes itself.
-        if let Some(panic) = ctx.channel().complete(ctx.slot()) {
+        let (panic, keep) = ctx.channel().complete(ctx.slot());
+        // No reference to the channel is live here: this may free it.
+        drop(keep);
+        if let Some(panic) = panic {
             if !std::thread::panicking() {
                 std::panic::resume_unwind(panic);
             }

@@ -273,11 +273,13 @@ impl ChannelShared {
         // Nothing registered, nobody parked: no user code runs. A sweep may
         // have marked (and counted) this call before our re-check refused
         // it: the user never saw the call, so it is not counted cancelled.
-        let (panic, reason) = self.complete_reporting(slot);
+        let (panic, reason, keep) = self.complete_reporting(slot);
         drop(panic);
         if let Some(reason) = reason {
             self.host.uncount_cancel(reason);
         }
+        // Our caller holds a handle's `Arc`: this is never the last one.
+        drop(keep);
     }
 
     /// Marks the channel faulted and cancels its calls with `ChannelFaulted`
@@ -398,7 +400,11 @@ impl ChannelShared {
             // Right after the freer-deciding SeqCst RMW.
             let after = self.after_release_duties();
             panics.record(self.free(slot, true));
-            panics.record(self.release(slot, word, after));
+            let (panic, keep) = self.release(slot, word, after);
+            panics.record(panic);
+            // Callers of `run_claimed` hold an `Arc` of the channel (a
+            // sweep's, a `Canceller`'s, a timer job's): never the last one.
+            drop(keep);
         }
     }
 
@@ -451,20 +457,24 @@ impl ChannelShared {
     }
 
     /// The owner completes the call in `slot` (its `Call` drops). Returns the
-    /// first panic of user code run here (free-state, wakers).
+    /// first panic of user code run here (free-state, wakers), and a strong
+    /// reference that the caller must drop *after* this returns: it may be
+    /// the channel's last (an orphaned channel disposed here), and no
+    /// `&ChannelShared` may be live when the channel is freed.
     #[must_use]
     #[inline]
-    pub(crate) fn complete(&self, slot: &CallSlot) -> Option<Panic> {
-        self.complete_reporting(slot).0
+    pub(crate) fn complete(&self, slot: &CallSlot) -> (Option<Panic>, Keep) {
+        let (panic, _, keep) = self.complete_reporting(slot);
+        (panic, keep)
     }
 
     /// [`ChannelShared::complete`], also reporting the reason the call was
     /// cancelled with, if any.
     #[inline]
-    fn complete_reporting(&self, slot: &CallSlot) -> (Option<Panic>, Option<CancelReason>) {
+    fn complete_reporting(&self, slot: &CallSlot) -> (Option<Panic>, Option<CancelReason>, Keep) {
         let Completion::OwnerFrees { prev } = slot.state.complete() else {
             // A canceller's callback still runs: it frees and releases.
-            return (None, None);
+            return (None, None, None);
         };
         // Right after the freer-deciding SeqCst RMW.
         let after = self.after_release_duties();
@@ -475,8 +485,9 @@ impl ChannelShared {
             panics.record(self.free(slot, prev.is_cancelled()));
         }
         self.slab.note_released(slot);
-        panics.record(self.release(slot, prev.with_completed(), after));
-        (panics.into_inner(), prev.reason())
+        let (panic, keep) = self.release(slot, prev.with_completed(), after);
+        panics.record(panic);
+        (panics.into_inner(), prev.reason(), keep)
     }
 
     /// Runs a registration's free-state (the caller is the freer).
@@ -539,18 +550,23 @@ impl ChannelShared {
 
     /// Hands a finished slot back (`word`: the word as the freer knows it)
     /// and runs the release duties the freer saw (`duties`) or was handed
-    /// (`DUTY`). Touches the channel after the release only through an `Arc`.
+    /// (`DUTY`). Touches the channel after the release only through an
+    /// `Arc`, which it returns for the caller to drop once no reference to
+    /// the channel is live (see [`ChannelShared::complete`]).
     #[must_use]
     #[inline]
-    fn release(&self, slot: &CallSlot, word: Snapshot, duties: bool) -> Option<Panic> {
+    fn release(&self, slot: &CallSlot, word: Snapshot, duties: bool) -> (Option<Panic>, Keep) {
         if !duties {
             let me = self.keepalive.load(Ordering::Relaxed);
             return match slot.state.release(word) {
-                Released::Quiet => None,
-                // SAFETY: the `DUTY` setter handed us a strong reference
-                // counted on the keepalive pointer (`try_dispose`,
-                // `census_for_wait`).
-                Released::Duty => Self::run_duties(unsafe { Arc::from_raw(me) }, slot),
+                Released::Quiet => (None, None),
+                Released::Duty => {
+                    // SAFETY: the `DUTY` setter handed us a strong reference
+                    // counted on the keepalive pointer (`try_dispose`,
+                    // `census_for_wait`).
+                    let adopted = unsafe { Arc::from_raw(me) };
+                    (Self::run_duties(&adopted, slot), Some(adopted))
+                }
             };
         }
         self.release_with_duties(slot, word)
@@ -558,7 +574,7 @@ impl ChannelShared {
 
     #[cold]
     #[inline(never)]
-    fn release_with_duties(&self, slot: &CallSlot, word: Snapshot) -> Option<Panic> {
+    fn release_with_duties(&self, slot: &CallSlot, word: Snapshot) -> (Option<Panic>, Keep) {
         // SAFETY: we still occupy the slot, so the keepalive is held.
         let held = unsafe { Self::hold(self.self_ptr().as_ptr()) };
         let handed = match slot.state.release(word) {
@@ -566,15 +582,16 @@ impl ChannelShared {
             // SAFETY: as in `release`.
             Released::Duty => Some(unsafe { Arc::from_raw(Arc::as_ptr(&held)) }),
         };
+        // `held` is alive: dropping the handed reference frees nothing.
         drop(handed);
-        Self::run_duties(held, slot)
+        (Self::run_duties(&held, slot), Some(held))
     }
 
     /// The release duties: wake idle waiters, dispose of an orphaned
     /// channel (scanning from the slot just released). Runs on a strong
     /// reference, which keeps `slot`'s memory alive.
     #[cold]
-    fn run_duties(this: Arc<Self>, slot: &CallSlot) -> Option<Panic> {
+    fn run_duties(this: &Arc<Self>, slot: &CallSlot) -> Option<Panic> {
         let panic = if this.host.idle_watched() {
             this.host.notify_idle()
         } else {
@@ -643,6 +660,10 @@ pub(crate) struct Claimed {
     pub(crate) reason: CancelReason,
     pub(crate) wake: Snapshot,
 }
+
+/// A strong reference a freer hands up to be dropped once no reference to
+/// the channel is live any more (it may be the last).
+pub(crate) type Keep = Option<Arc<ChannelShared>>;
 
 /// The key of a slot in the overflow lists.
 #[inline]
