@@ -29,7 +29,7 @@ pub struct Detached;
 /// for was cancelled (or its deadline passed before it was sent).
 ///
 /// With the `tonic` feature the [`Propagate`] service returns a
-/// `tonic::Status` instead (see [`status_for`](crate::status_for)), which
+/// `tonic::Status` instead (see `status_for`, feature `tonic`), which
 /// tonic clients report as is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Cancelled(pub CancelReason);
@@ -62,7 +62,7 @@ fn cancel_error(reason: CancelReason) -> BoxError {
 ///   `grpc-timeout` if that is smaller); if the deadline has already passed,
 ///   the request is not sent and fails with `DEADLINE_EXCEEDED`;
 /// * fails at once with the call's status (see
-///   [`status_for`](crate::status_for)) when the call is cancelled, for any
+///   `status_for`) when the call is cancelled, for any
 ///   reason, before or while the response or its body arrive; the request
 ///   future and body are dropped, which resets the HTTP/2 stream
 ///   (RST_STREAM(CANCEL)); over HTTP/1 it closes the connection;

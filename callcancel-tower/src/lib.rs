@@ -23,7 +23,8 @@
 //!   client sends the remaining deadline as `grpc-timeout` and resets the
 //!   outgoing stream when the current call is cancelled; [`Detached`] and
 //!   [`detached`] opt out.
-//! * **Status mapping.** [`status_for`], [`grpc_code_for`], [`http_status_for`].
+//! * **Status mapping.** `status_for` (feature `tonic`), [`grpc_code_for`],
+//!   [`http_status_for`].
 //!
 //! Tracing events (target `callcancel`): a call cancelled (reason, path), a
 //! call refused, a connection's channel faulted, shutdown escalating to abort.

@@ -116,6 +116,10 @@ impl Expiry for TimerEntry {
             Fired::Wake(sleep) => sleep.fire(),
         }
     }
+
+    fn batch_done() {
+        runners::flush();
+    }
 }
 
 /// A deadline's claimed callback, to run off the timer thread.
@@ -143,12 +147,16 @@ impl Job {
     }
 }
 
-/// The threads that run deadline callbacks: started on demand (one more
-/// whenever a job arrives and none is idle, up to `MAX`), each leaving
-/// after `IDLE_EXIT` without work. A callback that blocks therefore delays
-/// neither the timer (every other deadline and `close_async`'s timeout) nor,
-/// while fewer than `MAX` block at once, other callbacks. Under loom the
-/// job runs inline (no threads).
+/// The threads that run deadline callbacks. The timer collects the claimed
+/// callbacks of one expiry batch and hands them on together (`flush`: one
+/// lock, one wake). The first job starts a runner; another is started only
+/// when every runner is busy and the last job started `STUCK` ago or more (a
+/// callback that blocks), up to `MAX`; idle runners leave after `IDLE_EXIT`.
+/// So a burst of expiries costs one thread, and a callback that blocks
+/// delays neither the timer (every other deadline's decision and
+/// `close_async`'s timeout) nor, from the next batch on, other callbacks
+/// (the rest of its own batch may wait for it). Under loom the job runs
+/// inline (no threads).
 mod runners {
     use super::Job;
 
@@ -157,20 +165,25 @@ mod runners {
         job.run();
     }
 
+    #[cfg(loom)]
+    pub(super) fn flush() {}
+
     #[cfg(not(loom))]
-    pub(super) use pool::submit;
+    pub(super) use pool::{flush, submit};
 
     #[cfg(not(loom))]
     mod pool {
         use super::Job;
         use std::collections::VecDeque;
+        use std::sync::atomic::{AtomicU64, Ordering};
         use std::sync::{Condvar, Mutex, PoisonError};
-        use std::time::Duration;
+        use std::time::{Duration, Instant};
 
         const MAX: usize = 256;
+        const BATCH: usize = 1;
+        const STUCK: Duration = Duration::from_millis(1);
         const IDLE_EXIT: Duration = Duration::from_secs(10);
 
-        #[derive(Default)]
         struct Queue {
             jobs: VecDeque<Job>,
             idle: usize,
@@ -183,18 +196,62 @@ mod runners {
             threads: 0,
         });
         static WORK: Condvar = Condvar::new();
+        /// When a runner last started a job (`now_nanos`), for the stuck
+        /// check. Relaxed: a hint.
+        static STARTED_AT: AtomicU64 = AtomicU64::new(0);
+        static BASE: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
+
+        fn now_nanos() -> u64 {
+            u64::try_from(BASE.elapsed().as_nanos()).unwrap_or(u64::MAX)
+        }
+
+        fn lock() -> std::sync::MutexGuard<'static, Queue> {
+            QUEUE.lock().unwrap_or_else(PoisonError::into_inner)
+        }
+
+        std::thread_local! {
+            /// The jobs of the timer's current batch (handed on together by
+            /// `flush`, so a burst of expiries costs one lock and one wake).
+            static PENDING: std::cell::RefCell<Vec<Job>> = const {
+                std::cell::RefCell::new(Vec::new())
+            };
+        }
 
         pub(in super::super) fn submit(job: Job) {
-            let mut q = QUEUE.lock().unwrap_or_else(PoisonError::into_inner);
-            q.jobs.push_back(job);
-            if q.jobs.len() <= q.idle {
-                // An idle runner will take it.
+            let mut job = Some(job);
+            let _ = PENDING.try_with(|p| p.borrow_mut().extend(job.take()));
+            if let Some(job) = job {
+                job.run(); // this thread's locals are gone: run it here
+            }
+        }
+
+        /// Hands the batch to the runners (see the module docs).
+        pub(in super::super) fn flush() {
+            let batch = PENDING
+                .try_with(|p| core::mem::take(&mut *p.borrow_mut()))
+                .unwrap_or_default();
+            if batch.is_empty() {
+                return;
+            }
+            let mut q = lock();
+            q.jobs.extend(batch);
+            if q.idle > 0 {
                 drop(q);
                 WORK.notify_one();
                 return;
             }
-            if q.threads >= MAX {
-                return; // all busy: the next free runner takes it
+            let spawn = if q.threads == 0 {
+                true
+            } else if q.threads >= MAX {
+                false
+            } else {
+                // Every runner busy: start another only if the last job
+                // started `STUCK` ago or more (a callback that blocks).
+                let started = STARTED_AT.load(Ordering::Relaxed);
+                now_nanos().saturating_sub(started) >= STUCK.as_nanos() as u64
+            };
+            if !spawn {
+                return;
             }
             q.threads += 1;
             drop(q);
@@ -204,33 +261,30 @@ mod runners {
             if spawned.is_err() {
                 // No thread to be had: run what is queued here, on the
                 // timer thread (late rather than never).
-                QUEUE.lock().unwrap_or_else(PoisonError::into_inner).threads -= 1;
-                drain_here();
-            }
-        }
-
-        fn drain_here() {
-            loop {
-                let job = QUEUE
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .jobs
-                    .pop_front();
-                match job {
-                    Some(job) => job.run(),
-                    None => return,
+                lock().threads -= 1;
+                loop {
+                    let job = lock().jobs.pop_front();
+                    match job {
+                        Some(job) => job.run(),
+                        None => break,
+                    }
                 }
             }
         }
 
         fn work() {
-            let mut q = QUEUE.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut q = lock();
             loop {
-                if let Some(job) = q.jobs.pop_front() {
+                if !q.jobs.is_empty() {
+                    let n = q.jobs.len().min(BATCH);
+                    let batch: Vec<Job> = q.jobs.drain(..n).collect();
                     drop(q);
-                    // `run` catches the callback's panics itself.
-                    job.run();
-                    q = QUEUE.lock().unwrap_or_else(PoisonError::into_inner);
+                    for job in batch {
+                        STARTED_AT.store(now_nanos(), Ordering::Relaxed);
+                        // `run` catches the callback's panics itself.
+                        job.run();
+                    }
+                    q = lock();
                     continue;
                 }
                 q.idle += 1;

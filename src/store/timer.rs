@@ -151,6 +151,9 @@ pub(crate) trait Expiry: Send + 'static {
     /// calling [`Timer::run_expired`]). May run arbitrary code, may panic
     /// (caught), may call `arm`/`disarm`.
     fn fire(fired: Self::Fired);
+    /// Runs after each batch of `fire`s (no lock held): lets the engine hand
+    /// on what the batch collected in one step.
+    fn batch_done() {}
 }
 
 /// A caught panic payload.
@@ -676,6 +679,11 @@ impl<E: Expiry> Timer<E> {
         let fired = buf.len();
         for f in buf.drain(..) {
             if let Err(p) = catch_unwind(AssertUnwindSafe(move || E::fire(f))) {
+                panics.push(p);
+            }
+        }
+        if fired > 0 {
+            if let Err(p) = catch_unwind(AssertUnwindSafe(E::batch_done)) {
                 panics.push(p);
             }
         }
