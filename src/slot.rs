@@ -270,7 +270,18 @@ impl CallSlot {
 
     /// The published vtable. A canceller may claim between the registrar's
     /// RMW and its publication: then it waits here for a few instructions
-    /// (the registrar runs no user code and allocates nothing in between).
+    /// (the registrar runs no user code and allocates nothing in between:
+    /// `Prepared::new` boxed a large registration before the RMW).
+    ///
+    /// What remains (issue 12 #13): this wait is not lock-free. If the
+    /// registrar is descheduled inside that window, the canceller (a sweep,
+    /// `cancel()`, a deadline runner) waits until it runs again; the spin
+    /// yields to the scheduler after 64 rounds, so it costs little CPU, but
+    /// its length is the registrar's scheduling delay. Removing the window
+    /// needs a second RMW on every registration (publish, then announce) or
+    /// handing the run to the registrar (a re-check RMW after publishing):
+    /// both put an RMW back on the hot path, so the window stays, bounded
+    /// by the registrar's next few instructions.
     fn published(&self) -> &'static VTable {
         let mut spins = 0u32;
         loop {
