@@ -803,8 +803,13 @@ impl Harness {
         let mut log = Vec::new();
         loop {
             log.extend(self.take_log());
+            // The timer thread counts the cancellation right after its
+            // deciding CAS: wait for the count too (a snapshot may lag the
+            // decision by that much; `HostStats` docs).
+            let dx = reason_index(CancelReason::DeadlineExceeded);
             let fired = c.call.cancel_reason() == Some(CancelReason::DeadlineExceeded)
-                && (reg.is_none() || log.contains(&want));
+                && (reg.is_none() || log.contains(&want))
+                && self.host.stats().cancelled(CancelReason::DeadlineExceeded) > self.cancelled[dx];
             if fired {
                 break;
             }

@@ -43,7 +43,9 @@ pub struct HostStats {
 
 impl HostStats {
     /// Calls cancelled with `reason`, counted when the cancellation was
-    /// decided (whether or not the call had registered a callback).
+    /// decided (whether or not the call had registered a callback): right
+    /// after the deciding RMW, so a snapshot taken at that instant, even by
+    /// a thread that already sees `cancel_reason()`, may not include it yet.
     pub fn cancelled(&self, reason: CancelReason) -> u64 {
         self.cancelled[reason_index(reason)]
     }
