@@ -16,7 +16,7 @@
 #                                          re-check of the host/channel flags (R4)
 #   no_waker_recheck       src/waiter.rs:  WaitState::poll returns Pending right after
 #                                          registering the waker (lost wake-up)
-#   no_started_wait        src/state.rs:   CallState::wait_started returns at once:
+#   no_started_wait        src/engine/channel.rs: ChannelShared::await_started returns at once:
 #                                          a losing sweeper returns before the
 #                                          callback another one claimed started (A1)
 #   watch_primary          src/wait/cancel.rs: a CancelWatch future may take the

@@ -362,7 +362,9 @@ impl Drop for Call {
         }
         // Nothing touches the channel or slot after the release inside
         // `complete` except through a reference it takes itself.
-        let (panic, keep) = ctx.channel().complete(ctx.slot());
+        // SAFETY: this call occupies its slot (it completes it here, once);
+        // `ctx.channel` is the keepalive pointer.
+        let (panic, _, keep) = unsafe { ChannelShared::complete(ctx.channel, ctx.slot) };
         // No reference to the channel is live here: this may free it.
         drop(keep);
         if let Some(panic) = panic {

@@ -100,7 +100,7 @@
 //! | R5 | `state.rs`: the reason bits are written once, by the deciding CAS |
 //! | R6 | `state.rs`: `request_cancel` skips `COMPLETED` and other generations |
 //! | R7 | `engine/deadline.rs` (arm; disarm before completion; expiry decides through `decide_cancel` on the timer thread, a claimed callback runs on the `runners` pool); `store/timer.rs` (never early) |
-//! | A1 | `engine/channel.rs`: `ChannelShared::sweep` (a losing sweeper waits for `STARTED`: `CallState::wait_started`) |
+//! | A1 | `engine/channel.rs`: `ChannelShared::sweep` (a losing sweeper waits for `STARTED`, and takes over a claimed callback that did not start: `ChannelShared::await_started`, `CallState::try_start`) |
 //! | A2 | `engine/host.rs`: `wait_idle_until`; `store/host_core.rs`: idle epoch; `state.rs`: `request_duty` / `release` (`DUTY`) |
 //! | A3 | `store/host_core.rs`: `UserCode` / `running_for` (waits from a callback answer at once); no lock held across user code |
 //! | A4 | `value/panic.rs`: `FirstPanic`; every user call site catches |

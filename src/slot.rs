@@ -300,14 +300,12 @@ impl CallSlot {
     /// Runs the cancel callback, catching a panic.
     ///
     /// # Safety
-    /// The caller holds the right to run the callback: it is the canceller
-    /// whose `request_cancel` returned `Claimed`, or the registrar whose
-    /// `publish_registration` returned `RunInline` (after storing); and it
-    /// has not yet called `finish_cancel`.
+    /// The caller holds the right to run the callback: it won
+    /// `CallState::try_start` on a claimed callback, or it is the registrar
+    /// whose `publish_registration` returned `RunInline` (after storing and
+    /// `mark_started`); and the claim's `finish_cancel` has not run yet.
     pub(crate) unsafe fn run_callback(&self, reason: CancelReason) -> Option<Panic> {
         let vtable = self.published();
-        // Invoked from here on (A1): sweepers that lost the race may return.
-        self.state.mark_started();
         self.cell.with_mut(|buf| {
             // SAFETY: `vtable` matches the bytes in `buf` (published after
             // them); per the contract this thread alone runs the callback,
@@ -424,7 +422,8 @@ mod tests {
                 slot.state.request_cancel(g, CancelReason::HostAbort),
                 crate::state::CancelOutcome::Claimed { .. }
             ));
-            // SAFETY: single-threaded test: we are the claimer.
+            assert!(slot.state.try_start(g));
+            // SAFETY: single-threaded test: we are the claimer and started.
             assert!(unsafe { slot.run_callback(CancelReason::HostAbort) }.is_none());
             // SAFETY: and then as the freer; the callback ran.
             assert!(unsafe { slot.free_registration(true) }.is_none());

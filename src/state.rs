@@ -24,7 +24,7 @@
 //! | `REGISTERED` | a registrar won the slot's one registration | [`CallState::publish_registration`] | later registrars fail with `AlreadyRegistered`; the bytes are published through the slot's vtable pointer (`slot.rs`) |
 //! | `CANCELLED` + `REASON` (2 bits) | cancellation decided, and why (`HostAbort` 0, `ChannelFaulted` 1, `CallCancelled` 2, `DeadlineExceeded` 3) | the first canceller's CAS ([`CallState::request_cancel`]) | set at most once per generation, never after `COMPLETED`; the reason never changes (R5) |
 //! | `CLAIMED` | a canceller owns the callback | the same CAS, when `REGISTERED` is set | implies `CANCELLED` and `REGISTERED` |
-//! | `STARTED` | the callback was invoked (A1) | [`CallState::mark_started`], by the claimer or the inline registrar, right before calling it | implies `CANCELLED` and `REGISTERED`; losing sweepers wait for it ([`CallState::wait_started`]) |
+//! | `STARTED` | the callback was invoked (A1), and by whom it is run | the inline registrar ([`CallState::mark_started`]), or whoever wins [`CallState::try_start`] on a claimed callback (the claimer, or a sweeper taking it over) | implies `CANCELLED` and `REGISTERED`; losing sweepers wait for it (`ChannelShared::await_started`) |
 //! | `CB_DONE` | the claimed callback returned | [`CallState::finish_cancel`] | implies `CLAIMED` |
 //! | `COMPLETED` | the owner completed the call | [`CallState::complete`] | afterwards only the freer writes the word, plus a `DUTY` request |
 //! | `WAITER` | the primary `cancelled()` future parked in the slot's `AtomicWaker` | [`CallState::announce_waiter`] | cleared by a dropped primary ([`CallState::withdraw_waiter`]) or the release |
@@ -90,8 +90,8 @@
 //!   slot not yet decided (its freer will see the waiter), or sees it
 //!   finishing and hands the duty over with `DUTY` (`SeqCst` CAS, read by
 //!   the `SeqCst` release swap).
-//! * A1: `mark_started` is a `Release` RMW; `wait_started` loads with
-//!   `Acquire`.
+//! * A1: `mark_started` is a `Release` RMW and `try_start` an `AcqRel` CAS;
+//!   the waiting sweepers load with `Acquire`.
 //! * `is_cancelled()` is one `Acquire` load, pairing with the `AcqRel`
 //!   RMW that set `CANCELLED` (P4).
 
@@ -162,17 +162,26 @@ impl Snapshot {
     pub(crate) fn is_registered(self) -> bool {
         self.0 & REGISTERED != 0
     }
-    /// Cancelled and registered, but the callback has not been invoked yet:
-    /// a claimer or inline registrar is a few instructions (no user code)
-    /// away from setting `STARTED` (A1 waits for it).
+    /// Cancelled and registered, but the callback has not been invoked yet
+    /// (A1 waits for it: see `ChannelShared::await_started`).
     #[inline]
     pub(crate) fn callback_pending(self) -> bool {
         self.0 & (OCCUPIED | REGISTERED | CANCELLED | STARTED) == OCCUPIED | REGISTERED | CANCELLED
+    }
+    /// The same word with no waiter bits (nothing to wake).
+    #[inline]
+    pub(crate) fn without_waiters(self) -> Self {
+        Self(self.0 & !(WAITER | OVERFLOW))
     }
     /// The word as the owner's `complete` left it.
     #[inline]
     pub(crate) fn with_completed(self) -> Self {
         Self(self.0 | COMPLETED)
+    }
+    /// A canceller claimed the callback (it may not have started yet).
+    #[inline]
+    pub(crate) fn is_claimed(self) -> bool {
+        self.0 & CLAIMED != 0
     }
     #[inline]
     pub(crate) fn has(self, bit: u64) -> bool {
@@ -447,39 +456,44 @@ impl CallState {
         }
     }
 
-    /// The callback runner (claimer, or inline registrar) is about to invoke
-    /// the callback: from now on a sweeper that lost the race may return
-    /// (A1: "invoked").
+    /// The inline registrar is about to invoke the callback (nobody claimed
+    /// it, and nobody else may run it): from now on a sweeper that lost the
+    /// race may return (A1: "invoked").
     ///
-    /// Ordering: `Release`, pairing with the `Acquire` loads of
-    /// [`CallState::wait_started`].
+    /// Ordering: `Release`, pairing with the `Acquire` loads of the sweepers
+    /// that wait for it.
     pub(crate) fn mark_started(&self) {
-        // Mutant (ci/mutants.sh): never say so (losers then return early...
-        // or, with the wait, spin: the model reports it).
         let prev = Snapshot(self.word.fetch_or(STARTED, Ordering::Release));
         debug_assert!(prev.is_cancelled() && prev.is_registered() && !prev.has(STARTED));
+        debug_assert!(!prev.has(CLAIMED));
     }
 
-    /// A sweeper that lost the race for generation `gen` waits until its
-    /// callback, decided by another thread, has been invoked (A1 for every
-    /// caller). The runner executes no user code between deciding and
-    /// `mark_started` (it may wait for the registrar's publication, which
-    /// also runs no user code), so this waits for a few instructions, unless
-    /// that thread is preempted.
-    pub(crate) fn wait_started(&self, gen: u64) {
-        // Mutant (ci/mutants.sh): return before the callback was invoked.
-        if cfg!(callcancel_mutant = "no_started_wait") {
-            return;
-        }
-        let mut spins = 0u32;
+    /// The right to run a *claimed* callback of generation `gen`: set
+    /// `STARTED` unless somebody did. The claimer tries first; a sweeper
+    /// that finds a claimed callback not started after a while (a deadline
+    /// job queued behind a busy runner, a preempted claimer) takes it over,
+    /// so that no sweep waits on a thread that may be blocked (A1, A3).
+    /// Whoever wins runs the callback and the rest of the claim's protocol
+    /// (`finish_cancel`); the loser does nothing more.
+    ///
+    /// Ordering: `AcqRel`: release pairs with the waiting sweepers' Acquire
+    /// loads; acquire orders the winner after the claim.
+    #[must_use]
+    pub(crate) fn try_start(&self, gen: u64) -> bool {
+        let mut cur = self.load(Ordering::Acquire);
         loop {
-            // Ordering: Acquire, pairing with `mark_started`'s Release.
-            let s = self.load(Ordering::Acquire);
-            if !s.is_live(gen) || !s.callback_pending() {
-                return;
+            if !cur.is_live(gen) || !cur.has(CLAIMED) || cur.has(STARTED) {
+                return false;
             }
-            spins = spins.wrapping_add(1);
-            crate::sync::spin_wait(spins);
+            match self.word.compare_exchange_weak(
+                cur.0,
+                cur.0 | STARTED,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return true,
+                Err(actual) => cur = Snapshot(actual),
+            }
         }
     }
 
@@ -727,7 +741,8 @@ mod tests {
             s.request_cancel(g, CancelReason::HostAbort),
             CancelOutcome::Claimed { .. }
         ));
-        s.mark_started();
+        assert!(s.try_start(g));
+        assert!(!s.try_start(g), "one runner");
         assert_eq!(s.complete(), Completion::CancellerFrees);
         assert!(!s.load(Ordering::Relaxed).is_finishing());
         let AfterCallback::CancellerFrees { word } = s.finish_cancel() else {
@@ -742,7 +757,7 @@ mod tests {
             s.request_cancel(g, CancelReason::HostAbort),
             CancelOutcome::Claimed { .. }
         ));
-        s.mark_started();
+        assert!(s.try_start(g));
         assert_eq!(s.finish_cancel(), AfterCallback::OwnerFrees);
         let Completion::OwnerFrees { prev } = s.complete() else {
             panic!()

@@ -139,3 +139,44 @@ fn idle_future_defeats_a5() {
     assert_eq!(call.cancel_reason(), Some(CancelReason::HostAbort), "A5");
     drop(idle);
 }
+
+/// Second review, finding 1: a deadline callback claimed by the timer but
+/// queued behind a runner that another deadline callback blocks must not
+/// make an abort wait forever (A1 / A3). Here that other callback blocks on
+/// a lock the aborting thread holds: before the fix, a deadlock. The abort
+/// now takes the queued callback over and runs it itself.
+#[test]
+fn abort_takes_over_a_deadline_callback_queued_behind_a_blocked_runner() {
+    use std::sync::Mutex;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let host = ServiceHost::new();
+        let ch = host.open_channel().unwrap();
+        let lock = Arc::new(Mutex::new(()));
+        let held = lock.lock().unwrap();
+        let at = Instant::now() + Duration::from_millis(20);
+        let x = ch.begin_call_with_deadline(at).unwrap();
+        let y = ch.begin_call_with_deadline(at).unwrap();
+        let l = Arc::clone(&lock);
+        x.register_for_cancel((), move |_, _| drop(l.lock().unwrap()))
+            .unwrap();
+        let ran_y = Arc::new(AtomicBool::new(false));
+        let r = Arc::clone(&ran_y);
+        y.register_for_cancel((), move |_, _| r.store(true, Ordering::SeqCst))
+            .unwrap();
+        // Both decided by the timer; X's callback blocks on our lock.
+        while x.cancel_reason().is_none() || y.cancel_reason().is_none() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        host.abort(); // must not wait for X's runner
+        let y_ran = ran_y.load(Ordering::SeqCst); // A1: invoked by now
+        drop(held);
+        tx.send(y_ran).unwrap();
+        drop((x, y));
+    });
+    let y_ran = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("abort deadlocked behind a blocked deadline runner");
+    assert!(y_ran);
+}

@@ -124,7 +124,7 @@ impl ChannelShared {
 
     /// As [`ChannelShared::try_dispose`], scanning from `start` (a freer's
     /// own slot) onwards.
-    fn try_dispose_from(&self, start: Option<&CallSlot>) {
+    fn try_dispose_from(&self, start: Option<usize>) {
         if !self.is_orphaned() {
             return;
         }
@@ -273,7 +273,9 @@ impl ChannelShared {
         // Nothing registered, nobody parked: no user code runs. A sweep may
         // have marked (and counted) this call before our re-check refused
         // it: the user never saw the call, so it is not counted cancelled.
-        let (panic, reason, keep) = self.complete_reporting(slot);
+        // SAFETY: we occupy the slot (just claimed), and `self` came from a
+        // handle's `Arc` that our caller holds (so `keep` is never the last).
+        let (panic, reason, keep) = unsafe { Self::complete(self.self_ptr(), NonNull::from(slot)) };
         drop(panic);
         if let Some(reason) = reason {
             self.host.uncount_cancel(reason);
@@ -318,7 +320,7 @@ impl ChannelShared {
                 }
             };
             if now.callback_pending() {
-                slot.state.wait_started(gen);
+                self.await_started(slot, gen, panics);
             }
         });
         // Cost follows the live load: give back a burst's segments.
@@ -346,7 +348,7 @@ impl ChannelShared {
             }
             CancelOutcome::Claimed { wake } => {
                 self.host.count_cancel(reason);
-                self.run_claimed(slot, reason, wake, panics);
+                self.run_claimed(slot, gen, reason, wake, panics);
                 Ok(())
             }
         }
@@ -371,26 +373,36 @@ impl ChannelShared {
             }
             CancelOutcome::Claimed { wake } => {
                 self.host.count_cancel(reason);
-                Some(Claimed { reason, wake })
+                // Wake now: the callback may wait for a runner.
+                panics.record(self.wake_waiters(slot, wake, Some(reason)));
+                Some(Claimed {
+                    reason,
+                    generation: gen,
+                })
             }
         }
     }
 
-    /// Runs a callback this thread claimed: invoke it, wake the waiters,
-    /// and free if the owner completed meanwhile. The slot stays occupied
-    /// until `finish_cancel`, and the channel alive (the caller's duty).
+    /// Runs a claimed callback of generation `gen`, if this thread wins
+    /// `try_start` (the claimer normally does; a sweeper may have taken it
+    /// over: `await_started`): invoke it, wake the waiters `wake` names, and
+    /// free if the owner completed meanwhile. The slot stays occupied until
+    /// `finish_cancel`, and the channel alive (the caller's duty).
     pub(crate) fn run_claimed(
         &self,
         slot: &CallSlot,
+        gen: u64,
         reason: CancelReason,
         wake: Snapshot,
         panics: &mut FirstPanic,
     ) {
+        if !slot.state.try_start(gen) {
+            return; // taken over: its thief runs the rest
+        }
         {
             let _user = UserCode::enter(&self.host);
-            // SAFETY: `request_cancel` returned `Claimed` to our caller, who
-            // handed the right to run the callback to us alone, until
-            // `finish_cancel`.
+            // SAFETY: we won `try_start` on a claimed callback: this thread
+            // alone runs it, until `finish_cancel`.
             panics.record(unsafe { slot.run_callback(reason) });
         }
         // Before `finish_cancel`: the slot cannot be released (and reused)
@@ -400,11 +412,44 @@ impl ChannelShared {
             // Right after the freer-deciding SeqCst RMW.
             let after = self.after_release_duties();
             panics.record(self.free(slot, true));
-            let (panic, keep) = self.release(slot, word, after);
+            let start = self.slab.index_hint(slot);
+            let (panic, keep) = self.release(slot, word, after, start);
             panics.record(panic);
             // Callers of `run_claimed` hold an `Arc` of the channel (a
             // sweep's, a `Canceller`'s, a timer job's): never the last one.
             drop(keep);
+        }
+    }
+
+    /// A sweeper waits until the callback of generation `gen`, decided by
+    /// another thread, has been invoked (A1 for every caller). An inline
+    /// registrar is a few instructions from it (no user code). A *claimed*
+    /// callback not started after a short spin (its claimer preempted, or a
+    /// deadline job queued behind a runner that a callback blocks) is taken
+    /// over and run here, so a sweep never waits on a thread that may be
+    /// blocked, possibly on the sweeper itself (A3).
+    fn await_started(&self, slot: &CallSlot, gen: u64, panics: &mut FirstPanic) {
+        // Mutant (ci/mutants.sh): return before the callback was invoked.
+        if cfg!(callcancel_mutant = "no_started_wait") {
+            return;
+        }
+        let steal_after: u32 = if cfg!(loom) { 1 } else { 128 };
+        let mut spins = 0u32;
+        loop {
+            // Ordering: Acquire, pairing with `mark_started` / `try_start`.
+            let s = slot.state.load(Ordering::Acquire);
+            if !s.is_live(gen) || !s.callback_pending() {
+                return;
+            }
+            if s.is_claimed() && spins >= steal_after {
+                if let Some(reason) = s.reason() {
+                    // The claimer's waiters: ours to wake if we win.
+                    self.run_claimed(slot, gen, reason, s, panics);
+                }
+                continue;
+            }
+            spins = spins.wrapping_add(1);
+            crate::sync::spin_wait(spins);
         }
     }
 
@@ -446,6 +491,8 @@ impl ChannelShared {
         // generation and we have not stored yet.
         unsafe { slot.store_registration(prepared) };
         if let Published::RunInline(reason) = published {
+            // Invoked from here on (A1); nobody else may run it (unclaimed).
+            slot.state.mark_started();
             let _user = UserCode::enter(&self.host);
             // SAFETY: `RunInline`: no canceller claimed this callback, and
             // the owner cannot complete while the caller borrows the call.
@@ -457,35 +504,45 @@ impl ChannelShared {
     }
 
     /// The owner completes the call in `slot` (its `Call` drops). Returns the
-    /// first panic of user code run here (free-state, wakers), and a strong
-    /// reference that the caller must drop *after* this returns: it may be
-    /// the channel's last (an orphaned channel disposed here), and no
-    /// `&ChannelShared` may be live when the channel is freed.
-    #[must_use]
-    #[inline]
-    pub(crate) fn complete(&self, slot: &CallSlot) -> (Option<Panic>, Keep) {
-        let (panic, _, keep) = self.complete_reporting(slot);
-        (panic, keep)
-    }
-
-    /// [`ChannelShared::complete`], also reporting the reason the call was
-    /// cancelled with, if any.
-    #[inline]
-    fn complete_reporting(&self, slot: &CallSlot) -> (Option<Panic>, Option<CancelReason>, Keep) {
-        let Completion::OwnerFrees { prev } = slot.state.complete() else {
-            // A canceller's callback still runs: it frees and releases.
-            return (None, None, None);
+    /// first panic of user code run here (free-state, wakers), the reason
+    /// the call was cancelled with, and a strong reference that the caller
+    /// must drop only when no reference to the channel is live (it may be
+    /// the last: an orphaned channel disposed here).
+    ///
+    /// Raw pointers, not `&self`: from the release swap on, another thread
+    /// may free the channel (its last handle's drop), and no reference to it
+    /// may be live then — a `&self` argument would be, to the end of the
+    /// call.
+    ///
+    /// # Safety
+    /// `this` is the channel's keepalive pointer and the caller's call
+    /// occupies `slot`, which it is completing (once).
+    pub(crate) unsafe fn complete(
+        this: NonNull<Self>,
+        slot: NonNull<CallSlot>,
+    ) -> (Option<Panic>, Option<CancelReason>, Keep) {
+        // SAFETY: per the contract the call occupies the slot: slot and
+        // channel are alive until our release below.
+        let (prev, after, start, mut panics) = unsafe {
+            let (ch, slot) = (this.as_ref(), slot.as_ref());
+            let Completion::OwnerFrees { prev } = slot.state.complete() else {
+                // A canceller's callback still runs: it frees and releases.
+                return (None, None, None);
+            };
+            // Right after the freer-deciding SeqCst RMW.
+            let after = ch.after_release_duties();
+            let mut panics = FirstPanic::default();
+            // Watches still parked learn that the call finished.
+            panics.record(ch.wake_waiters(slot, prev, None));
+            if prev.is_registered() {
+                panics.record(ch.free(slot, prev.is_cancelled()));
+            }
+            ch.slab.note_released(slot);
+            (prev, after, ch.slab.index_hint(slot), panics)
         };
-        // Right after the freer-deciding SeqCst RMW.
-        let after = self.after_release_duties();
-        let mut panics = FirstPanic::default();
-        // Watches still parked learn that the call finished.
-        panics.record(self.wake_waiters(slot, prev, None));
-        if prev.is_registered() {
-            panics.record(self.free(slot, prev.is_cancelled()));
-        }
-        self.slab.note_released(slot);
-        let (panic, keep) = self.release(slot, prev.with_completed(), after);
+        // SAFETY: still ours until the swap inside; see `release_raw`.
+        let (panic, keep) =
+            unsafe { Self::release_raw(this, slot, prev.with_completed(), after, start) };
         panics.record(panic);
         (panics.into_inner(), prev.reason(), keep)
     }
@@ -550,55 +607,79 @@ impl ChannelShared {
 
     /// Hands a finished slot back (`word`: the word as the freer knows it)
     /// and runs the release duties the freer saw (`duties`) or was handed
-    /// (`DUTY`). Touches the channel after the release only through an
-    /// `Arc`, which it returns for the caller to drop once no reference to
-    /// the channel is live (see [`ChannelShared::complete`]).
+    /// (`DUTY`), scanning from slot index `start`. For freers whose caller
+    /// holds a strong reference (`run_claimed`); the owner uses
+    /// [`ChannelShared::release_raw`] through `complete`.
     #[must_use]
     #[inline]
-    fn release(&self, slot: &CallSlot, word: Snapshot, duties: bool) -> (Option<Panic>, Keep) {
-        if !duties {
-            let me = self.keepalive.load(Ordering::Relaxed);
-            return match slot.state.release(word) {
-                Released::Quiet => (None, None),
-                Released::Duty => {
-                    // SAFETY: the `DUTY` setter handed us a strong reference
-                    // counted on the keepalive pointer (`try_dispose`,
-                    // `census_for_wait`).
-                    let adopted = unsafe { Arc::from_raw(me) };
-                    (Self::run_duties(&adopted, slot), Some(adopted))
-                }
-            };
-        }
-        self.release_with_duties(slot, word)
+    fn release(
+        &self,
+        slot: &CallSlot,
+        word: Snapshot,
+        duties: bool,
+        start: Option<usize>,
+    ) -> (Option<Panic>, Keep) {
+        // SAFETY: the slot is occupied by the call we free; the caller's
+        // strong reference keeps the channel alive past this call.
+        unsafe { Self::release_raw(self.self_ptr(), NonNull::from(slot), word, duties, start) }
     }
 
-    #[cold]
-    #[inline(never)]
-    fn release_with_duties(&self, slot: &CallSlot, word: Snapshot) -> (Option<Panic>, Keep) {
-        // SAFETY: we still occupy the slot, so the keepalive is held.
-        let held = unsafe { Self::hold(self.self_ptr().as_ptr()) };
-        let handed = match slot.state.release(word) {
+    /// [`ChannelShared::release`] on raw pointers. After the release swap
+    /// it touches the channel only through an `Arc` it took before (or was
+    /// handed with `DUTY`), which it returns for the caller to drop once no
+    /// reference to the channel is live; and it never forms a reference to
+    /// the slot again (its segment may be given back).
+    ///
+    /// # Safety
+    /// `this` is the keepalive pointer; the slot is occupied, finishing, by
+    /// the call this thread frees.
+    #[must_use]
+    #[inline]
+    unsafe fn release_raw(
+        this: NonNull<Self>,
+        slot: NonNull<CallSlot>,
+        word: Snapshot,
+        duties: bool,
+        start: Option<usize>,
+    ) -> (Option<Panic>, Keep) {
+        let held = duties.then(|| {
+            // SAFETY: before the swap the slot is occupied, so the
+            // keepalive is held and `this` is its pointer.
+            unsafe { Self::hold(this.as_ptr()) }
+        });
+        // SAFETY: as above; the reference lives only for the swap, and
+        // `CallState` is all atomics.
+        let released = unsafe { slot.as_ref() }.state.release(word);
+        let adopted = match released {
             Released::Quiet => None,
-            // SAFETY: as in `release`.
-            Released::Duty => Some(unsafe { Arc::from_raw(Arc::as_ptr(&held)) }),
+            // SAFETY: the `DUTY` setter handed us a strong reference counted
+            // on the keepalive pointer (`try_dispose`, `census_for_wait`).
+            Released::Duty => Some(unsafe { Arc::from_raw(this.as_ptr()) }),
         };
-        // `held` is alive: dropping the handed reference frees nothing.
-        drop(handed);
-        (Self::run_duties(&held, slot), Some(held))
+        let keep = match (held, adopted) {
+            (Some(held), adopted) => {
+                // `held` is alive: dropping the handed reference frees nothing.
+                drop(adopted);
+                Some(held)
+            }
+            (None, adopted) => adopted,
+        };
+        let panic = keep.as_ref().and_then(|ch| Self::run_duties(ch, start));
+        (panic, keep)
     }
 
     /// The release duties: wake idle waiters, dispose of an orphaned
     /// channel (scanning from the slot just released). Runs on a strong
     /// reference, which keeps `slot`'s memory alive.
     #[cold]
-    fn run_duties(this: &Arc<Self>, slot: &CallSlot) -> Option<Panic> {
+    fn run_duties(this: &Arc<Self>, start: Option<usize>) -> Option<Panic> {
         let panic = if this.host.idle_watched() {
             this.host.notify_idle()
         } else {
             None
         };
         if this.is_orphaned() {
-            this.try_dispose_from(Some(slot));
+            this.try_dispose_from(start);
         }
         panic
     }
@@ -653,12 +734,12 @@ impl ChannelShared {
     }
 }
 
-/// A callback claimed by [`ChannelShared::decide_cancel`], to be run with
-/// [`ChannelShared::run_claimed`].
+/// A callback claimed by [`ChannelShared::decide_cancel`] (its waiters
+/// already woken), to be run with [`ChannelShared::run_claimed`].
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Claimed {
     pub(crate) reason: CancelReason,
-    pub(crate) wake: Snapshot,
+    pub(crate) generation: u64,
 }
 
 /// A strong reference a freer hands up to be dropped once no reference to

@@ -140,10 +140,20 @@ impl Job {
         // The slot stays occupied until the job's `finish_cancel`, so its
         // segment is still published.
         let _ = slot.with(&channel.slab, |slot| {
-            channel.run_claimed(slot, claimed.reason, claimed.wake, &mut panics)
+            // Waiters were woken when the timer decided: nothing to wake.
+            let quiet = slot
+                .state
+                .load(crate::sync::Ordering::Relaxed)
+                .without_waiters();
+            channel.run_claimed(slot, claimed.generation, claimed.reason, quiet, &mut panics)
         });
-        // Nobody to re-raise to: a callback's panic is dropped here.
-        drop(panics.into_inner());
+        // Nobody to re-raise to: a callback's panic is dropped here (and a
+        // payload whose drop panics is leaked, not unwound into the runner).
+        if let Some(p) = panics.into_inner() {
+            if let Err(again) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(p))) {
+                core::mem::forget(again);
+            }
+        }
     }
 }
 

@@ -160,12 +160,19 @@ impl HostCore {
     /// Sums the stripes: (refused, cancelled by reason).
     pub(crate) fn counts(&self) -> (u64, [u64; 4]) {
         let mut refused = 0;
-        let mut cancelled = [0; 4];
+        let mut cancelled = [0u64; 4];
         for stripe in &self.counters {
             // Ordering: Relaxed, as above.
             refused += stripe.0.refused.load(Ordering::Relaxed);
             for (sum, c) in cancelled.iter_mut().zip(&stripe.0.cancelled) {
                 *sum = u64::wrapping_add(*sum, c.load(Ordering::Relaxed));
+            }
+        }
+        // A refusal's take-back may land before the sweep's count (stripes
+        // wrap below zero): read such a transient as zero, never as 2^64.
+        for sum in &mut cancelled {
+            if (*sum as i64) < 0 {
+                *sum = 0;
             }
         }
         (refused, cancelled)

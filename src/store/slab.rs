@@ -455,23 +455,30 @@ impl Slab {
         }
     }
 
-    /// The first slot, looking from `start` (a freer's own slot) onwards
-    /// and wrapping around, for which `f` returns `true`, during `walk`.
-    /// Starting at the caller's slot makes tearing down many calls of an
-    /// orphaned channel cost about one look each, not a scan each.
+    /// The first slot, looking from index `start` (a freer's own slot)
+    /// onwards and wrapping around, for which `f` returns `true`, during
+    /// `walk`. Starting at the caller's slot makes tearing down many calls
+    /// of an orphaned channel cost about one look each, not a scan each.
     pub(crate) fn find_slot_from<'a>(
         &'a self,
-        _walk: &Walk<'a>,
-        start: Option<&CallSlot>,
+        _walk: &'a Walk<'a>,
+        start: Option<usize>,
         mut f: impl FnMut(&CallSlot) -> bool,
     ) -> Option<&'a CallSlot> {
         let bound = self.index_bound();
-        let start = start.and_then(|s| self.index_of(s)).unwrap_or(0);
+        let start = start.unwrap_or(0);
         let start = if start < bound { start } else { 0 };
         (start..bound)
             .chain(0..start)
             .filter_map(|i| self.slot(i))
             .find(|s| f(s))
+    }
+
+    /// The index of a slot the caller occupies (a freer's start hint for a
+    /// later scan, taken while the slot is still its own).
+    #[inline]
+    pub(crate) fn index_hint(&self, slot: &CallSlot) -> Option<usize> {
+        self.index_of(slot)
     }
 
     /// The index of `slot`, if it is one of this slab's published slots.
@@ -502,6 +509,13 @@ impl Slab {
     /// below. Never segment 0. The memory is freed once no walk is in
     /// progress (at the latest when `walk` ends).
     pub(crate) fn shrink(&self, walk: &Walk<'_>, occupied: usize) {
+        // One generation of retired segments at a time: while an earlier
+        // one still waits for the walks to end (a walk can last as long as
+        // a callback), retiring more could pile segments up.
+        // Ordering: SeqCst, as in `Walk::drop`.
+        if self.retired_count.load(Ordering::SeqCst) != 0 {
+            return;
+        }
         loop {
             let Some(k) = (1..SEGMENTS)
                 .rev()

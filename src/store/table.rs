@@ -257,14 +257,12 @@ impl<T: Send + Sync + 'static> ChannelTable<T> {
                 break;
             }
         }
+        // Every closed chunk goes, wherever it is (a chunk appended meanwhile
+        // may stand behind them): entries keep their chunk's `Arc`, and the
+        // position is only the reservers' starting hint.
         self.chunks.rcu(|cur| {
             let mut next = Vec::clone(cur);
-            while next
-                .last()
-                .is_some_and(|c| c.live.load(Ordering::SeqCst) == CLOSED)
-            {
-                next.pop();
-            }
+            next.retain(|c| c.live.load(Ordering::SeqCst) != CLOSED);
             next
         });
     }
