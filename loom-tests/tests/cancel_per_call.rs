@@ -49,6 +49,9 @@ fn canceller_vs_complete_and_reuse() {
         let host = ServiceHost::new();
         let channel = host.open_channel().unwrap();
         let first = channel.begin_call().unwrap();
+        // Occupy the segment's other slot: the second call below must reuse
+        // the first one's slot.
+        let filler = channel.begin_call().unwrap();
         let p1 = Probe::new();
         p1.register(&first).unwrap();
         let canceller = first.canceller();
@@ -64,5 +67,6 @@ fn canceller_vs_complete_and_reuse() {
         assert_eq!(second.cancel_reason(), None);
         second.complete();
         p2.assert_settled();
+        drop(filler);
     });
 }

@@ -21,6 +21,9 @@ fn watch_repolled_across_slot_reuse() {
         let host = ServiceHost::new();
         let channel = host.open_channel().unwrap();
         let first = channel.begin_call().unwrap();
+        // Occupy the segment's other slot: the second call below must reuse
+        // the first one's slot.
+        let filler = channel.begin_call().unwrap();
         let watch = first.watch();
         let poller = loom::thread::spawn(move || {
             let mut fut = pin!(watch.cancelled());
@@ -46,6 +49,7 @@ fn watch_repolled_across_slot_reuse() {
         poller.join().unwrap();
         faulter.join().unwrap();
         second.complete();
+        drop(filler);
         assert_eq!(host.in_flight(), 0);
     });
 }
