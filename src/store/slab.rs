@@ -286,15 +286,23 @@ impl Slab {
         })
     }
 
-    /// Whether segment `k` is still the one at `base`, so that a slot
-    /// pointer taken inside it may be dereferenced during `walk`. (If the
+    /// Segment `k`'s current base, if it is still at address `base`, so
+    /// that slot `off` of it may be reached during `walk` *through the
+    /// returned pointer* (its provenance is the live allocation's; a pointer
+    /// kept from before may name a freed one at the same address). If the
     /// segment was given back and another allocated at the same address,
-    /// the slot's generations start above every old one: the holder's
-    /// generation check fails, as for a reused slot.)
+    /// its slots' generations start above every old one: the holder's
+    /// generation check fails, as for a reused slot.
     #[inline]
-    pub(crate) fn revalidate(&self, _walk: &Walk<'_>, k: usize, base: *const CallSlot) -> bool {
+    pub(crate) fn revalidate(
+        &self,
+        _walk: &Walk<'_>,
+        k: usize,
+        base: usize,
+    ) -> Option<NonNull<CallSlot>> {
         // Ordering: SeqCst, after the walk's increment (see `walk`).
-        ptr::eq(self.seg_ptr(k, Ordering::SeqCst), base)
+        let cur = self.seg_ptr(k, Ordering::SeqCst);
+        (cur as usize == base).then(|| NonNull::new(cur)).flatten()
     }
 
     /// The published segment `k`, if any.
@@ -581,9 +589,14 @@ impl Slab {
 /// dereferenced while that segment is still the published one.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct SlotRef {
+    /// The slot (dereferenced directly only in segment 0, which lives as
+    /// long as the slab; else recomputed from the live segment).
     slot: NonNull<CallSlot>,
     k: usize,
-    base: *const CallSlot,
+    /// The segment's address when the reference was taken (compared only).
+    base: usize,
+    /// The slot's index within its segment.
+    off: usize,
 }
 
 impl SlotRef {
@@ -592,10 +605,12 @@ impl SlotRef {
         let (k, base) = slab
             .locate_slot(slot)
             .expect("an occupied slot's segment is published");
+        let off = (ptr::from_ref(slot) as usize - base as usize) / core::mem::size_of::<CallSlot>();
         Self {
             slot: NonNull::from(slot),
             k,
-            base,
+            base: base as usize,
+            off,
         }
     }
 
@@ -615,12 +630,12 @@ impl SlotRef {
             return Some(f(unsafe { self.slot.as_ref() }));
         }
         let walk = slab.walk();
-        if !slab.revalidate(&walk, self.k, self.base) {
-            return None;
-        }
-        // SAFETY: the segment is published and our walk keeps it from being
-        // freed until `walk` drops, after `f`.
-        Some(f(unsafe { self.slot.as_ref() }))
+        let base = slab.revalidate(&walk, self.k, self.base)?;
+        // SAFETY: the segment is published (so `off` is within its
+        // `segment_len(k)` slots) and our walk keeps it from being freed
+        // until `walk` drops, after `f`; the pointer is derived from the live
+        // segment's, not from the one we kept.
+        Some(f(unsafe { base.add(self.off).as_ref() }))
     }
 }
 
