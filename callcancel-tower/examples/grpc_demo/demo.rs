@@ -81,6 +81,14 @@ impl StatsReply {
 
 pub const SERVICE: &str = "callcancel.demo.Demo";
 
+/// The demo servers' `max_pending_accept_reset_streams`. A chained demo
+/// receives bursts of resets on one connection when an upstream hop's calls
+/// are cancelled together (propagation, a client dropping many calls): with
+/// hyper's default (20, a rapid-reset guard) such a burst makes the server
+/// answer GOAWAY and every other call on that connection fails. Used by
+/// `main.rs` and the tests' harness (regression: `tests/demo_regressions.rs`).
+pub const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 4096;
+
 /// The demo's counters. `started`: calls begun by Work/Block/Relay (each
 /// registers its cancel callback at once); `completed`: those that replied
 /// OK; `cancelled_*`: cancel callbacks run, by reason; `freed`: free-states
@@ -251,13 +259,19 @@ impl Demo {
                 None if call.remaining() == Some(Duration::ZERO) => {
                     status_for(CancelReason::DeadlineExceeded)
                 }
+                // The downstream deadline (our remaining time) ran out just
+                // before ours: say so.
+                None if status.code() == Code::DeadlineExceeded => status,
                 // Nobody cancelled us: the downstream service or the
-                // connection to it failed (e.g. it restarted). Its
-                // CANCELLED or transport error is UNAVAILABLE to our client.
-                None if matches!(status.code(), Code::Cancelled | Code::Unknown) => {
-                    Status::unavailable(format!("downstream: {}", status.message()))
-                }
-                None => status,
+                // connection to it failed (e.g. it restarted: CANCELLED,
+                // UNKNOWN, or INTERNAL "h2 protocol error" from a connection
+                // torn down mid-call). Whatever it said, the hop is what
+                // failed: UNAVAILABLE to our client, which may retry.
+                None => Status::unavailable(format!(
+                    "downstream {:?}: {}",
+                    status.code(),
+                    status.message()
+                )),
             }),
         }
     }

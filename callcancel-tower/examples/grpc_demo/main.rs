@@ -94,9 +94,7 @@ async fn main() {
     std::io::stdout().flush().ok();
     let report = Server::new(host)
         .close_timeout(args.close_timeout)
-        // Chained demos receive bursts of resets when an upstream hop's
-        // calls are cancelled together (propagation): allow them.
-        .max_pending_accept_reset_streams(4096)
+        .max_pending_accept_reset_streams(demo::MAX_PENDING_ACCEPT_RESET_STREAMS)
         .serve_with_shutdown(listener, DemoServer::new(demo.clone()), sig)
         .await;
     // Free-states may run on a canceller's thread just after the last call

@@ -45,7 +45,8 @@ impl TestServer {
         let server = Server::with_layer(layer(CallLayer::new(host.clone())))
             .close_timeout(close_timeout)
             .abort_grace(Duration::from_millis(300))
-            .drain_grace(Duration::from_millis(300));
+            .drain_grace(Duration::from_millis(300))
+            .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESET_STREAMS);
         let svc = DemoServer::new(demo.clone());
         let task = tokio::spawn(server.serve_with_shutdown(listener, svc, async {
             let _ = rx.await;
