@@ -80,6 +80,17 @@ row "begin_call, <=10k in flight" begin-call-with-n-in-flight 10000 200
 row "complete, orphaned, 2k" complete-orphaned 2000
 row "complete, orphaned, 4k" complete-orphaned 4000
 
+# W1 and W3 per connection (the instructions; W1's target is a wall-time
+# ratio, in benches/workload.rs): open_channel, k lifecycles, fault, drop
+# against a child token, k children, cancel, drop; open + drop alone.
+CONN_N=$((N / 10))
+row "churn k=1 callcancel" churn-callcancel-1 "$CONN_N"
+row "churn k=1 tokio-util" churn-tokio-util-1 "$CONN_N"
+row "churn k=10 callcancel" churn-callcancel-10 "$CONN_N"
+row "churn k=10 tokio-util" churn-tokio-util-10 "$CONN_N"
+row "open + drop callcancel" open-drop-callcancel "$N"
+row "open + drop tokio-util" open-drop-tokio-util "$N"
+
 # P4: is_cancelled() should be one acquire load (on x86-64 a plain `mov`,
 # with no `lock` prefix). It is inlined into the measured loop, so show that
 # loop's machine code when objdump is available.

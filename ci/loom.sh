@@ -55,6 +55,8 @@ loom review deadline_take_vs_complete_vs_last_handle 3
 loom review stale_marked_wake_vs_reused_slot_waiter 3
 loom review refused_begin_is_not_counted_cancelled 3
 loom shrink begin_call_vs_shrink 3
+loom shrink begin_call_in_a_new_segment_vs_fault -
+loom shrink regrow_vs_shrink_vs_fault 3
 loom begin_call_vs_abort begin_call_vs_host_abort -
 loom begin_call_vs_abort begin_call_vs_channel_fault -
 loom begin_call_vs_abort reused_slot_begin_call_vs_host_abort -

@@ -23,6 +23,9 @@
 #                                          slot's waker (lost wake-up after reuse)
 #   canceller_current_gen  src/call.rs:    Canceller::cancel cancels whatever call
 #                                          occupies the slot now (R6 across reuse)
+#   no_cover               src/store/slab.rs: Slab::cover never raises the segments
+#                                          bound: a sweep that scans below it misses
+#                                          a call in a newly grown segment (R4)
 #   no_duty                src/state.rs:   CallState::request_duty never hands the
 #                                          release duties over (orphan leak,
 #                                          idle waiter never woken)
@@ -44,6 +47,7 @@ no_started_wait two_aborts two_faults_with_a_parked_watch
 watch_primary watch_reuse watch_repolled_across_slot_reuse
 no_duty orphan last_handle_vs_finishing_free
 canceller_current_gen cancel_per_call canceller_vs_complete_and_reuse
+no_cover shrink begin_call_in_a_new_segment_vs_fault
 "
 
 run() { # flags file test -> exit status of the model, output in $out

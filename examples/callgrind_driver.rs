@@ -15,7 +15,9 @@
 //! `lifecycle-tokio-util`, `lifecycle-floor`, `is-cancelled-callcancel`,
 //! `is-cancelled-tokio-util`, `abort-callcancel`, `abort-callcancel-one-channel`,
 //! `complete-orphaned`, `abort-tokio-util`,
-//! `abort-vec`, `begin-call-with-n-in-flight` (instructions per
+//! `abort-vec`, `churn-callcancel-1`, `churn-callcancel-10`,
+//! `churn-tokio-util-1`, `churn-tokio-util-10` (W1 per connection),
+//! `open-drop-callcancel`, `open-drop-tokio-util` (W3), `begin-call-with-n-in-flight` (instructions per
 //! `begin_call` made while 0..n calls are in flight on one channel; a flat
 //! figure means O(1)).
 
@@ -126,6 +128,46 @@ fn measured_complete_all(calls: Vec<Call>) {
 #[inline(never)]
 fn measured_abort_tokio_util(parent: &CancellationToken) {
     parent.cancel();
+}
+
+/// W1: per connection `open_channel`, `k` lifecycles, `fault`, drop.
+#[inline(never)]
+fn measured_churn_callcancel(host: &ServiceHost, n: u64, k: u64) {
+    for _ in 0..n {
+        let channel = host.open_channel().unwrap();
+        lifecycle_on(|| channel.begin_call().unwrap(), k);
+        channel.fault();
+        drop(channel);
+    }
+}
+
+/// W1's peer: a child token per connection, `k` children, `cancel`, drop.
+#[inline(never)]
+fn measured_churn_tokio_util(root: &CancellationToken, n: u64, k: u64) {
+    for _ in 0..n {
+        let conn = root.child_token();
+        for _ in 0..k {
+            drop(black_box(conn.child_token()));
+        }
+        conn.cancel();
+        drop(conn);
+    }
+}
+
+/// W3: `open_channel` + drop.
+#[inline(never)]
+fn measured_open_drop_callcancel(host: &ServiceHost, n: u64) {
+    for _ in 0..n {
+        drop(black_box(host.open_channel().unwrap()));
+    }
+}
+
+/// W3's peer: `child_token` + drop.
+#[inline(never)]
+fn measured_open_drop_tokio_util(root: &CancellationToken, n: u64) {
+    for _ in 0..n {
+        drop(black_box(root.child_token()));
+    }
 }
 
 #[inline(never)]
@@ -249,6 +291,28 @@ fn main() -> ExitCode {
                 })
                 .collect();
             measured_abort_vec(&mut v);
+        }
+        "churn-callcancel-1" | "churn-callcancel-10" => {
+            let k = if mode.ends_with("-10") { 10 } else { 1 };
+            let host = ServiceHost::new();
+            measured_churn_callcancel(&host, WARM_UP, k);
+            measured_churn_callcancel(&host, n, k);
+        }
+        "churn-tokio-util-1" | "churn-tokio-util-10" => {
+            let k = if mode.ends_with("-10") { 10 } else { 1 };
+            let root = CancellationToken::new();
+            measured_churn_tokio_util(&root, WARM_UP, k);
+            measured_churn_tokio_util(&root, n, k);
+        }
+        "open-drop-callcancel" => {
+            let host = ServiceHost::new();
+            measured_open_drop_callcancel(&host, WARM_UP);
+            measured_open_drop_callcancel(&host, n);
+        }
+        "open-drop-tokio-util" => {
+            let root = CancellationToken::new();
+            measured_open_drop_tokio_util(&root, WARM_UP);
+            measured_open_drop_tokio_util(&root, n);
         }
         other => {
             eprintln!("unknown mode {other}");

@@ -83,7 +83,7 @@
 //!  7 face    call.rs  channel.rs  host.rs         public types: delegation and docs only
 //!  6 async   wait/cancel.rs  wait/idle.rs  wait/close.rs    futures over the engine
 //!  5 engine  engine/channel.rs  engine/host.rs  engine/deadline.rs   every protocol step
-//!  4 store   store/slab.rs  store/table.rs  store/host_core.rs  store/overflow.rs  store/timer.rs
+//!  4 store   store/slab.rs (+ store/segment.rs)  store/table.rs  store/host_core.rs  store/overflow.rs  store/timer.rs
 //!  3 slot    slot.rs         the state word, the callback cell and the waker of one call
 //!  2 word    state.rs        the per-call state word: bits, state machine, transitions
 //!  1 values  value/error.rs  value/panic.rs  value/stats.rs
@@ -96,7 +96,7 @@
 //! |---|---|
 //! | R1 | `state.rs`: `CallState::request_cancel` (one CAS sets `CANCELLED`, and `CLAIMED` if registered) and `publish_registration` (`RunInline`) |
 //! | R2, R3 | `state.rs`: `complete` / `finish_cancel` decide the freer; `slot.rs`: `free_registration` (panic-safe) |
-//! | R4 | `engine/channel.rs`: `ChannelShared::begin` (CAS, then `SeqCst` re-check) against `fault` / `engine/host.rs` `abort` (flag, then sweep); `state.rs`: `publish_registration` |
+//! | R4 | `engine/channel.rs`: `ChannelShared::begin` (CAS, then `SeqCst` re-check) against `fault` / `engine/host.rs` `abort` (flag, then sweep); `state.rs`: `publish_registration`; `store/slab.rs`: `Slab::cover` (a claimer raises the `segments` bound a sweep scans below, before its claim) |
 //! | R5 | `state.rs`: the reason bits are written once, by the deciding CAS |
 //! | R6 | `state.rs`: `request_cancel` skips `COMPLETED` and other generations |
 //! | R7 | `engine/deadline.rs` (arm; disarm before completion; expiry decides through `decide_cancel` on the timer thread, a claimed callback runs on the `runners` pool); `store/timer.rs` (never early) |
@@ -105,7 +105,8 @@
 //! | A3 | `store/host_core.rs`: `UserCode` / `running_for` (waits from a callback answer at once); no lock held across user code |
 //! | A4 | `value/panic.rs`: `FirstPanic`; every user call site catches |
 //! | A5 | `engine/host.rs`: `HostShared::drop_handle` (the last `ServiceHost` handle) |
-//! | memory follows the load | `store/slab.rs`: `Slab::shrink` / `retire` / `Walk` / `SlotRef`; `store/table.rs`: `ChannelTable::compact` |
+//! | memory follows the load | `store/slab.rs`: `Slab::shrink` / `retire` / `Walk` / `SlotRef`, the `segments` bound (scans cost what is published); `store/table.rs`: `ChannelTable::compact` |
+//! | a connection's fixed cost (W1, W3) | `store/slab.rs`: the first block (segment 0 + directory, one hand-aligned allocation: `store/segment.rs`; one spare per thread), `Slab::scan` (no walk while only segment 0 can be published) |
 //!
 //! Each call's state is **one atomic word** (`state.rs` draws the state
 //! machine), in a slot of its channel's slab that is reused by generation.

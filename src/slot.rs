@@ -337,6 +337,20 @@ impl CallSlot {
     }
 }
 
+impl CallSlot {
+    /// Whether a registration is stored (exclusive access: a slab's drop).
+    pub(crate) fn has_registration(&mut self) -> bool {
+        // Ordering: Relaxed; `&mut self` orders us after every other user.
+        !self.vtable.load(Ordering::Relaxed).is_null()
+    }
+
+    /// Drops a leftover waker (exclusive access: a block readied for
+    /// another slab, `store/slab.rs`).
+    pub(crate) fn clear_waker(&mut self) {
+        self.waker = AtomicWaker::new();
+    }
+}
+
 impl Drop for CallSlot {
     fn drop(&mut self) {
         // A slot is dropped with its slab, when no call can be in flight (the

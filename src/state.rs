@@ -140,6 +140,13 @@ impl Snapshot {
     pub(crate) fn is_occupied(self) -> bool {
         self.0 & OCCUPIED != 0
     }
+    /// Free with no flag at all (no waiter, duty or retirement pending):
+    /// such a slot may serve another slab as it is (`store/slab.rs`'s spare
+    /// first block).
+    #[inline]
+    pub(crate) fn is_clean_free(self) -> bool {
+        self.0 & FLAGS_MASK == 0
+    }
     #[inline]
     pub(crate) fn generation(self) -> u64 {
         self.0 >> GEN_SHIFT

@@ -279,3 +279,37 @@ fn p3_large_call_costs_64_bytes_plus_its_overflow() {
         size_of::<Big>()
     );
 }
+
+/// W1's connection: `open_channel`, one registered call, `fault`, drop.
+fn short_connection(host: &ServiceHost, n: u64) {
+    let channel = host.open_channel().unwrap();
+    let call = channel.begin_call().unwrap();
+    register_small(&call, n);
+    call.complete();
+    channel.fault();
+    drop(channel);
+}
+
+#[test]
+fn w1_a_short_connection_allocates_its_channel_only() {
+    // Issue 13: a connection's slot storage (segment 0 and the segment
+    // directory) comes from this thread's spare block, left by the previous
+    // connection: in steady state a connection allocates its channel and
+    // nothing else (plus the epoch's occasional bag of deferred table
+    // entries, one allocation per many connections).
+    let host = ServiceHost::new();
+    for i in 0..WARM_UP {
+        short_connection(&host, i);
+    }
+    let n = count_allocs(|| {
+        for i in 0..CALLS {
+            short_connection(&host, i);
+        }
+    });
+    let per = n as f64 / CALLS as f64;
+    eprintln!("W1: {per:.3} allocations per connection");
+    assert!(
+        per < 1.1,
+        "{n} allocations in {CALLS} connections ({per:.3} each; 1 is the channel)"
+    );
+}

@@ -10,6 +10,16 @@
 //!   segment; each claim either wins its slot before the retirement (then
 //!   the segment stays) or goes elsewhere, and an abort afterwards finds
 //!   every call (R4).
+//! * `begin_call_in_a_new_segment_vs_fault`: a call grows a new segment
+//!   while the channel is faulted. The fault's sweep scans only the segments
+//!   below the slab's `segments` bound (and without a walk while it is 1),
+//!   so the claimer must raise the bound before its claim: either the sweep
+//!   sees the call, or the call's re-check sees the fault (R4). The mutant
+//!   `no_cover` (the bound never raised) fails it.
+//! * `regrow_vs_shrink_vs_fault`: after a burst, a census retires the top
+//!   segments (lowering the bound) while calls claim slots there again (a
+//!   regrow raises it) and the channel is faulted: every call that began is
+//!   cancelled (R4).
 //!
 //! Under loom a slab's first segment holds 2 slots, then 4, then 8.
 #![cfg(loom)]
@@ -74,6 +84,73 @@ fn begin_call_vs_shrink() {
         }
         assert_eq!(host.in_flight(), 3);
         drop((a, b, c));
+        assert_eq!(host.in_flight(), 0);
+    });
+}
+
+#[test]
+fn begin_call_in_a_new_segment_vs_fault() {
+    model(|| {
+        let host = ServiceHost::new();
+        let channel = host.open_channel().unwrap();
+        // Segment 0 (2 slots) is full: the next call grows segment 1.
+        let held: Vec<_> = (0..2).map(|_| channel.begin_call().unwrap()).collect();
+        let faulter = {
+            let channel = channel.clone();
+            loom::thread::spawn(move || channel.fault())
+        };
+        let third = channel.begin_call();
+        faulter.join().unwrap();
+        for call in &held {
+            assert_eq!(call.cancel_reason(), Some(CancelReason::ChannelFaulted));
+        }
+        match third {
+            Ok(call) => assert_eq!(
+                call.cancel_reason(),
+                Some(CancelReason::ChannelFaulted),
+                "R4: a call in flight across the fault is cancelled"
+            ),
+            Err(e) => assert_eq!(e, callcancel::Error::ChannelFaulted),
+        }
+        drop(held);
+        assert_eq!(host.in_flight(), 0);
+    });
+}
+
+#[test]
+fn regrow_vs_shrink_vs_fault() {
+    model(|| {
+        let host = ServiceHost::new();
+        let channel = host.open_channel().unwrap();
+        // A burst over segments 0, 1 and 2, gone again.
+        drop(
+            (0..7)
+                .map(|_| channel.begin_call().unwrap())
+                .collect::<Vec<_>>(),
+        );
+        // Segment 0 taken again: the next claim goes to segment 1.
+        let held: Vec<_> = (0..2).map(|_| channel.begin_call().unwrap()).collect();
+        let censor = {
+            let host = host.clone();
+            loom::thread::spawn(move || host.in_flight())
+        };
+        let faulter = {
+            let channel = channel.clone();
+            loom::thread::spawn(move || channel.fault())
+        };
+        let third = channel.begin_call();
+        let seen = censor.join().unwrap();
+        faulter.join().unwrap();
+        assert!((2..=3).contains(&seen), "census saw {seen}");
+        if let Ok(call) = &third {
+            assert_eq!(
+                call.cancel_reason(),
+                Some(CancelReason::ChannelFaulted),
+                "R4: a call in flight across the fault is cancelled"
+            );
+        }
+        drop(third);
+        drop(held);
         assert_eq!(host.in_flight(), 0);
     });
 }

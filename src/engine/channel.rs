@@ -135,7 +135,7 @@ impl ChannelShared {
             self.drop_keepalive();
             return;
         }
-        let walk = self.slab.walk();
+        let walk = self.slab.scan();
         'scan: loop {
             let mut seen = None;
             let found = self.slab.find_slot_from(&walk, start, |slot| {
@@ -301,7 +301,7 @@ impl ChannelShared {
     /// decided first, whose `mark_started` it waits for (A1, issue 12 #3).
     /// The caller holds a strong reference.
     pub(crate) fn sweep(&self, reason: CancelReason, panics: &mut FirstPanic) {
-        let walk = self.slab.walk();
+        let walk = self.slab.scan();
         let mut occupied = 0;
         self.slab.for_each_slot(&walk, |slot| {
             // Ordering: SeqCst, second half of the R4 Dekker pair.
@@ -694,7 +694,7 @@ impl ChannelShared {
     /// (`DUTY`), since that freer may have looked before the waiter came.
     /// The caller holds a strong reference.
     pub(crate) fn census_for_wait(&self) -> usize {
-        let walk = self.slab.walk();
+        let walk = self.slab.scan();
         let mut busy = 0;
         self.slab.for_each_slot(&walk, |slot| loop {
             // Ordering: SeqCst, the waiter side of the idle Dekker pair.

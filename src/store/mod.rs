@@ -5,6 +5,7 @@
 
 pub(crate) mod host_core;
 pub(crate) mod overflow;
+pub(crate) mod segment;
 pub(crate) mod slab;
 pub(crate) mod table;
 pub(crate) mod timer;

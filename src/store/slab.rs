@@ -29,9 +29,22 @@
 //! long as the slab. Sweeps and censuses therefore cost what the slab holds
 //! now, not its high-water mark.
 //!
+//! # What a connection pays (W1)
+//!
+//! Segment 0 and the segment directory are one allocation (the **first
+//! block**), made by the first `begin_call` and aligned by hand
+//! (`store/segment.rs`). A `segments` word counts the segments that may be
+//! published (a bound, raised before any slot of a new segment is claimed,
+//! lowered by the retirer of the top one): scans look no further, and while
+//! it is at most 1 — every channel that never had more than `BASE` calls in
+//! flight — a scan reaches segment 0 only, which is never freed, and so
+//! needs no walk (no RMW on the walk count). A cold `claim` tries segment 0
+//! before taking a walk for the others.
+//!
 use core::ptr::{self, NonNull};
 
 use crate::slot::CallSlot;
+use crate::store::segment;
 use crate::sync::{lock, AtomicPtr, AtomicU64, AtomicUsize, Mutex, Ordering};
 
 /// Slots in a slab's first segment.
@@ -47,6 +60,31 @@ const SEGMENTS: usize = 32;
 /// limit.
 #[cfg(loom)]
 const SEGMENTS: usize = 4;
+
+/// Allocates segment `k` (`k >= 1`) with its slots at generation `gen`.
+///
+/// A plain `Box` (64-byte aligned by the allocator): segments above the
+/// first are grown by bursts, rarely, and hold at least 16 slots, so the
+/// allocator's aligned path costs little per slot, and their footprint stays
+/// exactly 64 B per slot (P3). The first block, allocated per connection, is
+/// aligned by hand instead (`store/segment.rs`).
+fn alloc_segment(k: usize, gen: u64) -> NonNull<CallSlot> {
+    debug_assert!(k >= 1);
+    let fresh: Box<[CallSlot]> = (0..segment_len(k))
+        .map(|_| CallSlot::at_generation(gen))
+        .collect();
+    NonNull::from(Box::leak(fresh)).cast()
+}
+
+/// Frees segment `k` made by [`alloc_segment`].
+///
+/// # Safety
+/// `p` came from `alloc_segment(k, ..)`, is not freed yet, and nobody can
+/// reach it any more.
+unsafe fn free_segment(p: NonNull<CallSlot>, k: usize) {
+    // SAFETY: per the contract, a leaked boxed slice of `segment_len(k)`.
+    drop(unsafe { Box::from_raw(ptr::slice_from_raw_parts_mut(p.as_ptr(), segment_len(k))) });
+}
 
 /// Segment index and offset of slot `index`.
 fn locate(index: usize) -> (usize, usize) {
@@ -76,11 +114,51 @@ static NEXT_SLAB_ID: core::sync::atomic::AtomicUsize = core::sync::atomic::Atomi
 #[cfg_attr(loom, allow(dead_code))]
 const NO_SLAB_ID: usize = usize::MAX;
 
-fn next_slab_id() -> usize {
+/// Takes `n` fresh ids from the process-wide counter: the first, or
+/// `NO_SLAB_ID` once they ran out.
+fn reserve_slab_ids(n: usize) -> usize {
     use core::sync::atomic::Ordering as O;
     NEXT_SLAB_ID
-        .fetch_update(O::Relaxed, O::Relaxed, |v| v.checked_add(1))
+        .fetch_update(O::Relaxed, O::Relaxed, |v| {
+            v.checked_add(n).filter(|&end| end < NO_SLAB_ID)
+        })
         .unwrap_or(NO_SLAB_ID)
+}
+
+/// Ids a thread takes from the process-wide counter at a time, so that
+/// threads opening channels do not all write one cache line.
+#[cfg(not(loom))]
+const SLAB_ID_BLOCK: usize = 256;
+
+#[cfg(not(loom))]
+std::thread_local! {
+    /// This thread's block of slab ids: (next, end).
+    static SLAB_IDS: core::cell::Cell<(usize, usize)> = const { core::cell::Cell::new((0, 0)) };
+}
+
+#[cfg(not(loom))]
+fn next_slab_id() -> usize {
+    SLAB_IDS
+        .try_with(|ids| {
+            let (next, end) = ids.get();
+            if next < end {
+                ids.set((next + 1, end));
+                return next;
+            }
+            let first = reserve_slab_ids(SLAB_ID_BLOCK);
+            if first == NO_SLAB_ID {
+                return NO_SLAB_ID;
+            }
+            ids.set((first + 1, first + SLAB_ID_BLOCK));
+            first
+        })
+        // The thread is exiting: take one id directly.
+        .unwrap_or_else(|_| reserve_slab_ids(1))
+}
+
+#[cfg(loom)]
+fn next_slab_id() -> usize {
+    reserve_slab_ids(1)
 }
 
 /// This thread's last released slot in `slab`, if its last release was there.
@@ -118,17 +196,122 @@ fn set_thread_hint(slab: &Slab, slot: &CallSlot) {
     }
 }
 
-/// The segment pointers of a slab, allocated with its first segment (an
-/// idle channel that never ran a call pays for none of it: W4).
-struct Directory {
+/// Segment 0 and the segment pointers of a slab, allocated together by the
+/// first claim (an idle channel that never ran a call pays for none of it:
+/// W4). `segments[0]` points at `slots` from before the block is published
+/// to its end.
+#[repr(C)]
+struct FirstBlock {
+    slots: [CallSlot; BASE],
     segments: [AtomicPtr<CallSlot>; SEGMENTS],
+}
+
+/// One spare first block per thread (not under loom, whose executions
+/// would see each other's): a slab dropped on this thread leaves its first
+/// block here if every slot in it is clean, and the next first claim on this
+/// thread takes it, so a short connection allocates, initialises and frees
+/// no segment (W1). A recycled slot continues its own generations, exactly
+/// as if the next call of the old slab had taken it; nobody can reach it
+/// through the old slab any more (its channel is gone).
+#[cfg(not(loom))]
+mod spare {
+    use super::{segment, FirstBlock};
+    use core::cell::Cell;
+    use core::ptr::{self, NonNull};
+
+    struct Spare(Cell<*mut FirstBlock>);
+
+    impl Drop for Spare {
+        fn drop(&mut self) {
+            if let Some(block) = NonNull::new(self.0.get()) {
+                // SAFETY: a spare block came from `alloc_array(1, ..)` and
+                // is owned by this cell alone.
+                unsafe { segment::free_array(block, 1) };
+            }
+        }
+    }
+
+    std::thread_local! {
+        static SPARE: Spare = const { Spare(Cell::new(ptr::null_mut())) };
+    }
+
+    /// This thread's spare block, if any (now the caller's).
+    pub(super) fn take() -> Option<NonNull<FirstBlock>> {
+        SPARE
+            .try_with(|s| NonNull::new(s.0.replace(ptr::null_mut())))
+            .ok()
+            .flatten()
+    }
+
+    /// Keeps `block` as this thread's spare; hands it back if there is one
+    /// already (or the thread is exiting).
+    pub(super) fn put(block: NonNull<FirstBlock>) -> Result<(), NonNull<FirstBlock>> {
+        SPARE
+            .try_with(|s| {
+                if s.0.get().is_null() {
+                    s.0.set(block.as_ptr());
+                    true
+                } else {
+                    false
+                }
+            })
+            .ok()
+            .filter(|&kept| kept)
+            .map(|_| ())
+            .ok_or(block)
+    }
+}
+
+#[cfg(loom)]
+mod spare {
+    use super::FirstBlock;
+    use core::ptr::NonNull;
+
+    pub(super) fn take() -> Option<NonNull<FirstBlock>> {
+        None
+    }
+
+    pub(super) fn put(block: NonNull<FirstBlock>) -> Result<(), NonNull<FirstBlock>> {
+        Err(block)
+    }
+}
+
+impl FirstBlock {
+    /// Whether the block may serve another slab: every slot free with no
+    /// flag and nothing registered. Only on a block nobody else can reach.
+    fn is_clean(&mut self) -> bool {
+        self.slots.iter_mut().all(|slot| {
+            // Ordering: Relaxed; the caller has exclusive access.
+            slot.state.load(Ordering::Relaxed).is_clean_free() && !slot.has_registration()
+        })
+    }
+
+    /// Readies an unreachable clean block for another slab: no segment
+    /// above the first, no leftover waker.
+    fn reset_for_reuse(&mut self, bound: usize) {
+        for seg in self.segments.iter().take(bound).skip(1) {
+            // Ordering: Relaxed; exclusive access (the next slab publishes
+            // the block with a SeqCst CAS).
+            seg.store(ptr::null_mut(), Ordering::Relaxed);
+        }
+        for slot in &mut self.slots {
+            slot.clear_waker();
+        }
+    }
 }
 
 /// A channel's slab of call slots. See the module docs.
 pub(crate) struct Slab {
-    /// Null until the first segment is grown; then fixed for the slab's
-    /// life.
-    dir: AtomicPtr<Directory>,
+    /// Null until the first claim; then fixed for the slab's life (made by
+    /// `segment::alloc_array`).
+    dir: AtomicPtr<FirstBlock>,
+    /// A bound on the published segments: every published segment `k` has
+    /// `k < segments` by the time one of its slots is claimed. Raised (a
+    /// `fetch_max`) by whoever obtains a segment from `grow`, before it
+    /// claims a slot there; lowered by the retirer of the top segment, after
+    /// every slot of it was marked `RETIRED` (a CAS from `k + 1` to `k`,
+    /// which fails if a grower raised it meanwhile).
+    segments: AtomicUsize,
     /// Where a thread new to this channel starts looking: moved only by the
     /// slow scan (threads that know the channel use their thread-local hint).
     hint: AtomicUsize,
@@ -147,20 +330,31 @@ pub(crate) struct Slab {
 }
 
 /// A retired segment's pointer (owned by the retired list).
-struct RetiredPtr(*mut CallSlot);
+struct RetiredPtr(NonNull<CallSlot>);
 
 // SAFETY: the pointer owns a boxed slice of `CallSlot`s, which are `Send`.
 unsafe impl Send for RetiredPtr {}
 
-/// A walk over a slab's slots in progress: while any is, no retired segment
-/// is freed. A count, never a lock: a walk may run user code (a sweep runs
-/// callbacks) and only delays giving memory back.
+/// A walk over a slab's slots in progress: while any *counted* walk is, no
+/// retired segment is freed. A count, never a lock: a walk may run user
+/// code (a sweep runs callbacks) and only delays giving memory back.
+///
+/// A walk also fixes the bound of its scan (`bound`, from the `segments`
+/// word). [`Slab::scan`] makes an uncounted walk when that bound is at most
+/// 1: it reaches segment 0 only, which lives as long as the slab.
 pub(crate) struct Walk<'a> {
     slab: &'a Slab,
+    /// Whether this walk holds a count on `walkers`.
+    counted: bool,
+    /// Segments this walk's scans look at: `0..bound`.
+    bound: usize,
 }
 
 impl Drop for Walk<'_> {
     fn drop(&mut self) {
+        if !self.counted {
+            return;
+        }
         let slab = self.slab;
         // Ordering: SeqCst, pairing with the retirer's `retired_count`
         // increment and `walkers` load (a Dekker pair: either it sees our
@@ -178,6 +372,7 @@ impl Slab {
     pub(crate) fn new() -> Self {
         Self {
             dir: AtomicPtr::new(ptr::null_mut()),
+            segments: AtomicUsize::new(0),
             hint: AtomicUsize::new(0),
             id: next_slab_id(),
             walkers: AtomicUsize::new(0),
@@ -187,36 +382,80 @@ impl Slab {
         }
     }
 
-    /// The segment directory, once the first segment was grown.
+    /// The first block (segment 0 and the directory), once the first claim
+    /// made it.
     ///
     /// Ordering: SeqCst (at least Acquire, pairing with the publishing CAS
     /// in `dir_or_init`; SeqCst for sweeps, as `segment` explains).
     #[inline]
-    fn dir(&self) -> Option<&Directory> {
+    fn dir(&self) -> Option<&FirstBlock> {
         let d = self.dir.load(Ordering::SeqCst);
-        // SAFETY: published by `dir_or_init` from a `Box`, freed only in
-        // `Drop` (`&mut self`).
+        // SAFETY: published by `dir_or_init` from `segment::alloc_array`,
+        // freed only in `Drop` (`&mut self`).
         (!d.is_null()).then(|| unsafe { &*d })
     }
 
-    /// The directory, allocating it if needed.
-    fn dir_or_init(&self) -> &Directory {
+    /// The first block, allocating it if needed.
+    fn dir_or_init(&self) -> &FirstBlock {
         if let Some(d) = self.dir() {
             return d;
         }
-        let fresh = Box::into_raw(Box::new(Directory {
-            segments: core::array::from_fn(|_| AtomicPtr::new(ptr::null_mut())),
-        }));
-        // Ordering: SeqCst (release part: publishes the initialised array).
+        let fresh = spare::take().unwrap_or_else(|| {
+            // Ordering: Acquire, as in `grow`.
+            let gen = self.gen_floor.load(Ordering::Acquire);
+            segment::alloc_array(1, |_| FirstBlock {
+                slots: core::array::from_fn(|_| CallSlot::at_generation(gen)),
+                segments: core::array::from_fn(|_| AtomicPtr::new(ptr::null_mut())),
+            })
+        });
+        // SAFETY: just allocated, not shared yet.
+        let block = unsafe { fresh.as_ref() };
+        // Ordering: Relaxed; the publishing CAS below releases it.
+        block.segments[0].store(block.slots.as_ptr().cast_mut(), Ordering::Relaxed);
+        // Ordering: SeqCst (release part: publishes the initialised block).
         if self
             .dir
-            .compare_exchange(ptr::null_mut(), fresh, Ordering::SeqCst, Ordering::SeqCst)
+            .compare_exchange(
+                ptr::null_mut(),
+                fresh.as_ptr(),
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            )
             .is_err()
         {
-            // SAFETY: never published.
-            drop(unsafe { Box::from_raw(fresh) });
+            // A spare again (or freed): never published.
+            if let Err(fresh) = spare::put(fresh) {
+                // SAFETY: from `alloc_array(1, ..)` (directly or as a
+                // spare), never published.
+                unsafe { segment::free_array(fresh, 1) };
+            }
         }
         self.dir().expect("published just now")
+    }
+
+    /// The bound on published segments (see `segments`).
+    ///
+    /// Ordering: SeqCst: a sweep's read follows its flag RMW in the `SeqCst`
+    /// order, and a claimer's raise precedes its `SeqCst` `try_occupy`, so a
+    /// sweep that reads a bound below a claimer's segment comes before that
+    /// claim, whose re-check then sees the flag (R4).
+    #[inline]
+    fn segment_bound(&self) -> usize {
+        self.segments.load(Ordering::SeqCst)
+    }
+
+    /// Raises the bound to cover segment `k`, before a slot of it is
+    /// claimed (see `segment_bound`).
+    #[inline]
+    fn cover(&self, k: usize) {
+        // Mutant (ci/mutants.sh): never raise the bound.
+        if cfg!(callcancel_mutant = "no_cover") {
+            return;
+        }
+        if self.segment_bound() <= k {
+            // Ordering: SeqCst, see `segment_bound`.
+            self.segments.fetch_max(k + 1, Ordering::SeqCst);
+        }
     }
 
     /// Segment `k`'s pointer cell, if the directory exists.
@@ -237,7 +476,8 @@ impl Slab {
         self.dir().is_none()
     }
 
-    /// Starts a walk (see [`Walk`]).
+    /// Starts a counted walk (see [`Walk`]): what a holder of a slot
+    /// reference past segment 0 needs, and scans that may reach any segment.
     ///
     /// Ordering: SeqCst: the increment precedes every segment load of the
     /// walk, so a retirer that unpublishes a segment and then reads
@@ -246,7 +486,27 @@ impl Slab {
     pub(crate) fn walk(&self) -> Walk<'_> {
         self.walkers.fetch_add(1, Ordering::SeqCst);
         crate::sync::dekker_fence();
-        Walk { slab: self }
+        Walk {
+            slab: self,
+            counted: true,
+            bound: self.segment_bound(),
+        }
+    }
+
+    /// Starts a scan of every slot a call may occupy now: sweeps, censuses
+    /// and disposal. Uncounted (no RMW) while at most segment 0 may be
+    /// published: segment 0 lives as long as the slab.
+    #[inline]
+    pub(crate) fn scan(&self) -> Walk<'_> {
+        let bound = self.segment_bound();
+        if bound <= 1 {
+            return Walk {
+                slab: self,
+                counted: false,
+                bound,
+            };
+        }
+        self.walk()
     }
 
     /// Frees the retired segments if no walk is in progress. Every entry of
@@ -265,10 +525,10 @@ impl Slab {
             core::mem::take(&mut *retired)
         };
         for (k, p) in taken {
-            // SAFETY: published by `grow` from a boxed slice of
-            // `segment_len(k)` slots, unpublished by `retire_top`, and no
-            // walk can reach it any more (see above).
-            drop(unsafe { Box::from_raw(ptr::slice_from_raw_parts_mut(p.0, segment_len(k))) });
+            // SAFETY: made by `alloc_segment(k, ..)` and published by
+            // `grow`, unpublished by `retire`, and no walk can reach it any
+            // more (see above).
+            unsafe { free_segment(p.0, k) };
         }
     }
 
@@ -276,7 +536,9 @@ impl Slab {
     /// this slab's published slots. Address arithmetic only.
     pub(crate) fn locate_slot(&self, slot: &CallSlot) -> Option<(usize, *const CallSlot)> {
         let addr = ptr::from_ref(slot) as usize;
-        (0..SEGMENTS).find_map(|k| {
+        // The slot is occupied by the caller's call (or under the caller's
+        // walk): its segment is below the bound.
+        (0..self.segment_bound().min(SEGMENTS)).find_map(|k| {
             let base = self.seg_ptr(k, Ordering::Acquire);
             if base.is_null() {
                 return None;
@@ -300,6 +562,7 @@ impl Slab {
         k: usize,
         base: usize,
     ) -> Option<NonNull<CallSlot>> {
+        debug_assert!(_walk.counted, "a slot past segment 0 needs a counted walk");
         // Ordering: SeqCst, after the walk's increment (see `walk`).
         let cur = self.seg_ptr(k, Ordering::SeqCst);
         (cur as usize == base).then(|| NonNull::new(cur)).flatten()
@@ -326,35 +589,41 @@ impl Slab {
         Some(unsafe { core::slice::from_raw_parts(p, segment_len(k)) })
     }
 
-    /// Segment `k`, allocating and publishing it if needed.
+    /// Segment `k`, allocating and publishing it if needed, with the bound
+    /// raised to cover it: the caller may claim its slots.
     fn grow(&self, k: usize) -> &[CallSlot] {
+        if k == 0 {
+            let block = self.dir_or_init();
+            self.cover(0);
+            return &block.slots;
+        }
         if let Some(seg) = self.segment(k, Ordering::Acquire) {
+            self.cover(k);
             return seg;
         }
         // Ordering: Acquire, pairing with the retirer's SeqCst `fetch_max`
         // (which precedes its unpublication, which our null load read).
         let gen = self.gen_floor.load(Ordering::Acquire);
-        let fresh: Box<[CallSlot]> = (0..segment_len(k))
-            .map(|_| CallSlot::at_generation(gen))
-            .collect();
-        let fresh = Box::into_raw(fresh).cast::<CallSlot>();
+        let fresh = alloc_segment(k, gen);
         // Ordering: SeqCst (release part: publishes the initialised slots;
         // SeqCst part: see `segment`).
         if let Err(_winner) = self.dir_or_init().segments[k].compare_exchange(
             ptr::null_mut(),
-            fresh,
+            fresh.as_ptr(),
             Ordering::SeqCst,
             Ordering::Acquire,
         ) {
-            // SAFETY: `fresh` came from `Box::into_raw` just above and was
-            // never published.
-            drop(unsafe { Box::from_raw(ptr::slice_from_raw_parts_mut(fresh, segment_len(k))) });
+            // SAFETY: `fresh` came from `alloc_segment(k, ..)` just
+            // above and was never published.
+            unsafe { free_segment(fresh, k) };
         }
+        self.cover(k);
         self.segment(k, Ordering::Acquire)
             .expect("segment was just published")
     }
 
     /// Slot `index`, if its segment is published. Callers hold a walk.
+    #[cfg(test)]
     fn slot(&self, index: usize) -> Option<&CallSlot> {
         let (k, off) = locate(index);
         // Ordering: SeqCst, as sweeps and censuses need (see `segment`).
@@ -379,17 +648,33 @@ impl Slab {
         self.claim_cold()
     }
 
-    /// `claim` without a usable thread hint: the channel's hint, then a scan
-    /// from it, then growth. Holds a walk: it reaches every segment.
+    /// `claim` without a usable thread hint: segment 0 from the channel's
+    /// hint (no walk: it lives as long as the slab), then a scan of the
+    /// others from the hint under a walk, then growth.
     #[cold]
     #[inline(never)]
     fn claim_cold(&self) -> NonNull<CallSlot> {
-        let _walk = self.walk();
         // Ordering: Relaxed for the channel hint everywhere: it only picks
         // where to start; `try_occupy` decides.
         let hint = self.hint.load(Ordering::Relaxed);
-        let bound = self.index_bound();
-        let start = if hint < bound { hint } else { 0 };
+        if hint < BASE {
+            let seg0 = self.grow(0);
+            for index in (hint..BASE).chain(0..hint) {
+                if seg0[index].state.try_occupy().is_some() {
+                    if index != hint {
+                        self.hint.store(index + 1, Ordering::Relaxed);
+                    }
+                    return NonNull::from(&seg0[index]);
+                }
+            }
+        }
+        let walk = self.walk();
+        let bound = Self::index_bound(&walk);
+        let start = if (BASE..bound).contains(&hint) {
+            hint
+        } else {
+            BASE.min(bound)
+        };
         for index in (start..bound).chain(0..start) {
             if let Some(slot) = self.try_claim_at(index) {
                 if index != hint {
@@ -415,23 +700,27 @@ impl Slab {
         }
         panic!(
             "callcancel: more than {} calls in flight on one channel",
-            self.index_bound()
+            BASE * ((1 << SEGMENTS) - 1)
         );
     }
 
+    /// Claims slot `index` if its segment is published and the slot free.
+    /// Raises the bound first: the walk's bound may be older than a retire
+    /// and regrow of this segment (see `segment_bound`).
     fn try_claim_at(&self, index: usize) -> Option<NonNull<CallSlot>> {
-        let slot = self.slot(index)?;
+        let (k, off) = locate(index);
+        let seg = self.segment(k, Ordering::SeqCst)?;
+        self.cover(k);
+        let slot = &seg[off];
         slot.state.try_occupy()?;
         Some(NonNull::from(slot))
     }
 
-    /// One past the highest index of the highest published segment.
-    /// Segments below it may be unpublished (given back): `slot` skips them.
-    fn index_bound(&self) -> usize {
-        let top = (0..SEGMENTS)
-            .rev()
-            .find(|&k| !self.seg_ptr(k, Ordering::Acquire).is_null());
-        top.map_or(0, |k| BASE * ((1 << (k + 1)) - 1))
+    /// One past the highest slot index a scan under `walk` looks at.
+    /// Segments below it may be unpublished (given back, or not grown yet):
+    /// `slot` skips them.
+    fn index_bound(walk: &Walk<'_>) -> usize {
+        BASE * ((1 << walk.bound.min(SEGMENTS)) - 1)
     }
 
     /// Remembers a released slot for the next `claim`, if it is in segment
@@ -452,9 +741,9 @@ impl Slab {
         }
     }
 
-    /// Every slot of every published segment, during `walk`.
-    pub(crate) fn for_each_slot(&self, _walk: &Walk<'_>, mut f: impl FnMut(&CallSlot)) {
-        for k in 0..SEGMENTS {
+    /// Every slot of every published segment below the walk's bound.
+    pub(crate) fn for_each_slot(&self, walk: &Walk<'_>, mut f: impl FnMut(&CallSlot)) {
+        for k in 0..walk.bound.min(SEGMENTS) {
             // Ordering: SeqCst (see `segment`); unpublished segments (given
             // back, or not yet grown) are skipped, not an end.
             if let Some(seg) = self.segment(k, Ordering::SeqCst) {
@@ -469,17 +758,39 @@ impl Slab {
     /// of an orphaned channel cost about one look each, not a scan each.
     pub(crate) fn find_slot_from<'a>(
         &'a self,
-        _walk: &'a Walk<'a>,
+        walk: &'a Walk<'a>,
         start: Option<usize>,
         mut f: impl FnMut(&CallSlot) -> bool,
     ) -> Option<&'a CallSlot> {
-        let bound = self.index_bound();
+        let bound = Self::index_bound(walk);
         let start = start.unwrap_or(0);
         let start = if start < bound { start } else { 0 };
-        (start..bound)
-            .chain(0..start)
-            .filter_map(|i| self.slot(i))
-            .find(|s| f(s))
+        self.find_in(start, bound, &mut f)
+            .or_else(|| self.find_in(0, start, &mut f))
+    }
+
+    /// The first slot of indices `from..to` (published segments only) for
+    /// which `f` returns `true`, a segment at a time. The caller holds a
+    /// walk whose bound covers `to`.
+    fn find_in(
+        &self,
+        from: usize,
+        to: usize,
+        f: &mut impl FnMut(&CallSlot) -> bool,
+    ) -> Option<&CallSlot> {
+        let mut i = from;
+        while i < to {
+            let (k, off) = locate(i);
+            let end = to.min(BASE * ((1 << (k + 1)) - 1));
+            // Ordering: SeqCst, as sweeps need (see `segment`).
+            if let Some(seg) = self.segment(k, Ordering::SeqCst) {
+                if let Some(slot) = seg[off..off + (end - i)].iter().find(|s| f(s)) {
+                    return Some(slot);
+                }
+            }
+            i = end;
+        }
+        None
     }
 
     /// The index of a slot the caller occupies (a freer's start hint for a
@@ -501,7 +812,7 @@ impl Slab {
     /// callback or free-state is still running. Gives back the top segments
     /// if the load allows (see the module docs).
     pub(crate) fn census(&self) -> Census {
-        let walk = self.walk();
+        let walk = self.scan();
         let mut c = Census::default();
         // Ordering: SeqCst: a census that follows an abort or close in the
         // SeqCst order sees every call that slipped past it (R4).
@@ -517,6 +828,9 @@ impl Slab {
     /// below. Never segment 0. The memory is freed once no walk is in
     /// progress (at the latest when `walk` ends).
     pub(crate) fn shrink(&self, walk: &Walk<'_>, occupied: usize) {
+        if !walk.counted {
+            return; // segment 0 at most: nothing to give back
+        }
         // One generation of retired segments at a time: while an earlier
         // one still waits for the walks to end (a walk can last as long as
         // a callback), retiring more could pile segments up.
@@ -525,7 +839,7 @@ impl Slab {
             return;
         }
         loop {
-            let Some(k) = (1..SEGMENTS)
+            let Some(k) = (1..self.segment_bound().min(SEGMENTS))
                 .rev()
                 .find(|&k| !self.seg_ptr(k, Ordering::SeqCst).is_null())
             else {
@@ -544,7 +858,7 @@ impl Slab {
         let Some(seg) = self.segment(k, Ordering::SeqCst) else {
             return false;
         };
-        let p = seg.as_ptr().cast_mut();
+        let p = NonNull::from(seg).cast::<CallSlot>();
         let mut max_gen = 0;
         for (i, slot) in seg.iter().enumerate() {
             if !slot.state.try_retire() {
@@ -556,10 +870,24 @@ impl Slab {
         // Ordering: SeqCst, before the unpublication a grower's null load
         // reads (it then allocates above every old generation).
         self.gen_floor.fetch_max(max_gen + 1, Ordering::SeqCst);
+        // No slot of segment `k` can be claimed any more (all `RETIRED`):
+        // lower the bound, unless a grower raised it meanwhile (it then
+        // covers a segment above `k`). Before the unpublication: a grower
+        // that finds `k` unpublished and publishes it again reads the bound
+        // after this, and raises it.
+        // Ordering: SeqCst, see `segment_bound`.
+        let _ = self
+            .segments
+            .compare_exchange(k + 1, k, Ordering::SeqCst, Ordering::SeqCst);
         // Ordering: SeqCst CAS: only the retirer that unpublishes owns it
         // (two censuses may race for the same segment).
         if self.dir_or_init().segments[k]
-            .compare_exchange(p, ptr::null_mut(), Ordering::SeqCst, Ordering::SeqCst)
+            .compare_exchange(
+                p.as_ptr(),
+                ptr::null_mut(),
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            )
             .is_err()
         {
             return false;
@@ -653,25 +981,48 @@ pub(crate) struct Census {
 
 impl Drop for Slab {
     fn drop(&mut self) {
-        // `&mut self`: no walk is in progress.
-        for (k, p) in core::mem::take(&mut *lock(&self.retired)) {
-            // SAFETY: as in `free_retired`.
-            drop(unsafe { Box::from_raw(ptr::slice_from_raw_parts_mut(p.0, segment_len(k))) });
-        }
-        let dir = self.dir.swap(ptr::null_mut(), Ordering::Acquire);
-        if dir.is_null() {
-            return;
-        }
-        // SAFETY: published by `dir_or_init` from a `Box`; `&mut self`.
-        let dir = unsafe { Box::from_raw(dir) };
-        for (k, seg) in dir.segments.iter().enumerate() {
-            let p = seg.swap(ptr::null_mut(), Ordering::Acquire);
-            if !p.is_null() {
-                // SAFETY: published by `grow` from a boxed slice of
-                // `segment_len(k)` slots; `&mut self` means no other user.
-                drop(unsafe { Box::from_raw(ptr::slice_from_raw_parts_mut(p, segment_len(k))) });
+        // `&mut self`: no walk is in progress, and every load below may be
+        // Relaxed (plain: no RMW is needed to read what only we can reach).
+        // Ordering: Relaxed; `&mut self` orders us after every user.
+        if self.retired_count.load(Ordering::Relaxed) != 0 {
+            for (k, p) in core::mem::take(&mut *lock(&self.retired)) {
+                // SAFETY: as in `free_retired`.
+                unsafe { free_segment(p.0, k) };
             }
         }
+        // Ordering: Relaxed, as above.
+        let Some(mut block) = NonNull::new(self.dir.load(Ordering::Relaxed)) else {
+            return;
+        };
+        // Every published segment is below the bound: a retirer lowers it
+        // only after marking the segment's slots `RETIRED`, and before
+        // unpublishing it (always successfully: nobody else can replace a
+        // published pointer), and every grower raises it.
+        // Ordering: Relaxed, as above.
+        let bound = self.segments.load(Ordering::Relaxed).min(SEGMENTS);
+        // SAFETY: published by `dir_or_init`; `&mut self`: nobody else
+        // reaches the block any more.
+        let first = unsafe { block.as_mut() };
+        debug_assert!(first.segments[bound.max(1)..]
+            .iter()
+            .all(|p| p.load(Ordering::Relaxed).is_null()));
+        for (k, seg) in first.segments.iter().enumerate().take(bound).skip(1) {
+            // Ordering: Relaxed, as above.
+            if let Some(p) = NonNull::new(seg.load(Ordering::Relaxed)) {
+                // SAFETY: published by `grow` from `alloc_segment(k, ..)`,
+                // and `&mut self`: no other user.
+                unsafe { free_segment(p, k) };
+            }
+        }
+        if first.is_clean() {
+            first.reset_for_reuse(bound);
+            if spare::put(block).is_ok() {
+                return;
+            }
+        }
+        // SAFETY: made by `dir_or_init` with `alloc_array(1, ..)`; segment 0
+        // (its `slots`) goes with it; not kept as a spare.
+        unsafe { segment::free_array(block, 1) };
     }
 }
 
@@ -723,6 +1074,53 @@ mod tests {
         let again = slab.claim();
         assert_eq!(again, a);
         assert_eq!(slot.state.load(Ordering::Relaxed).generation(), gen_a + 1);
+    }
+
+    /// Issue 13 (W1): a dropped slab leaves its clean first block to the
+    /// next slab of this thread, whose slots continue their generations.
+    #[test]
+    fn a_dropped_slab_leaves_its_first_block_to_the_next() {
+        let finish = |slab: &Slab, p: NonNull<CallSlot>| {
+            // SAFETY: the slab is alive and the slot is ours.
+            let slot = unsafe { p.as_ref() };
+            let crate::state::Completion::OwnerFrees { prev } = slot.state.complete() else {
+                panic!("nothing claimed")
+            };
+            let _ = slot.state.release(prev.with_completed());
+            slab.note_released(slot);
+        };
+        let free_spare = || {
+            if let Some(block) = spare::take() {
+                // SAFETY: a spare came from `alloc_array(1, ..)`; taken, ours.
+                unsafe { segment::free_array(block, 1) };
+                true
+            } else {
+                false
+            }
+        };
+        free_spare();
+        let first = Slab::new();
+        let a = first.claim();
+        // SAFETY: as above.
+        let gen = unsafe { a.as_ref() }
+            .state
+            .load(Ordering::Relaxed)
+            .generation();
+        finish(&first, a);
+        // A burst above segment 0, gone again: segment 0 alone is kept.
+        let burst: Vec<_> = (0..3 * BASE).map(|_| first.claim()).collect();
+        burst.into_iter().for_each(|p| finish(&first, p));
+        drop(first);
+        let second = Slab::new();
+        let b = second.claim();
+        assert_eq!(b, a, "the spare block's first slot");
+        // SAFETY: as above.
+        let slot = unsafe { b.as_ref() };
+        assert!(slot.state.load(Ordering::Relaxed).generation() > gen);
+        assert_eq!(second.published_segments(), 1, "no segment above the first");
+        finish(&second, b);
+        drop(second);
+        assert!(free_spare(), "kept again");
     }
 
     /// Issue 13: after a burst, the segments above the first are given
