@@ -414,29 +414,22 @@ mod tests {
         let mut svc = mock(seen.clone());
         let host = ServiceHost::new();
         let past = host.begin_call_with_deadline(Instant::now()).unwrap();
-        let past = CurrentCall::new(past, http::Uri::from_static("/x"));
-        let e = past
-            .scope(async { svc.call(Request::new(())).await })
-            .await
-            .unwrap_err();
-        #[cfg(feature = "tonic")]
-        assert_eq!(
-            e.downcast_ref::<tonic::Status>().unwrap().code(),
-            tonic::Code::DeadlineExceeded
-        );
-        let _ = e;
-        let cancelled = CurrentCall::new(host.begin_call().unwrap(), http::Uri::from_static("/y"));
+        let cancelled = host.begin_call().unwrap();
         assert!(cancelled.cancel());
-        let e = cancelled
-            .scope(async { svc.call(Request::new(())).await })
-            .await
-            .unwrap_err();
-        #[cfg(feature = "tonic")]
-        assert_eq!(
-            e.downcast_ref::<tonic::Status>().unwrap().code(),
-            tonic::Code::Cancelled
-        );
-        let _ = e;
+        // The expected status code (with the `tonic` feature), by name.
+        for (call, code) in [(past, "DeadlineExceeded"), (cancelled, "Cancelled")] {
+            let call = CurrentCall::new(call, http::Uri::from_static("/x"));
+            let e = call
+                .scope(async { svc.call(Request::new(())).await })
+                .await
+                .unwrap_err();
+            #[cfg(feature = "tonic")]
+            assert_eq!(
+                format!("{:?}", e.downcast_ref::<tonic::Status>().unwrap().code()),
+                code
+            );
+            let _ = (e, code);
+        }
         assert!(seen.lock().unwrap().is_empty());
     }
 
