@@ -328,6 +328,25 @@ mod tests {
 
     type Seen = Arc<Mutex<Vec<Option<String>>>>;
 
+    /// One request in `call`'s scope must fail; with the `tonic` feature,
+    /// with the gRPC status code named `code`.
+    async fn fails_with<S>(call: &CurrentCall, svc: &mut S, code: &str)
+    where
+        S: Service<Request<()>, Error = BoxError>,
+        S::Response: std::fmt::Debug,
+    {
+        let e = call
+            .scope(async { svc.call(Request::new(())).await })
+            .await
+            .unwrap_err();
+        #[cfg(feature = "tonic")]
+        assert_eq!(
+            format!("{:?}", e.downcast_ref::<tonic::Status>().unwrap().code()),
+            code
+        );
+        let _ = (e, code);
+    }
+
     /// A mock transport recording each request's grpc-timeout.
     type MockFn = Box<
         dyn FnMut(Request<()>) -> std::future::Ready<Result<Response<String>, Infallible>> + Send,
@@ -419,16 +438,7 @@ mod tests {
         // The expected status code (with the `tonic` feature), by name.
         for (call, code) in [(past, "DeadlineExceeded"), (cancelled, "Cancelled")] {
             let call = CurrentCall::new(call, http::Uri::from_static("/x"));
-            let e = call
-                .scope(async { svc.call(Request::new(())).await })
-                .await
-                .unwrap_err();
-            #[cfg(feature = "tonic")]
-            assert_eq!(
-                format!("{:?}", e.downcast_ref::<tonic::Status>().unwrap().code()),
-                code
-            );
-            let _ = (e, code);
+            fails_with(&call, &mut svc, code).await;
         }
         assert!(seen.lock().unwrap().is_empty());
     }
@@ -451,16 +461,7 @@ mod tests {
             tokio::time::sleep_until(deadline.into()).await;
             Ok::<_, Infallible>(Response::new(String::new()))
         }));
-        let e = call
-            .scope(async { svc.call(Request::new(())).await })
-            .await
-            .unwrap_err();
-        #[cfg(feature = "tonic")]
-        assert_eq!(
-            e.downcast_ref::<tonic::Status>().unwrap().code(),
-            tonic::Code::DeadlineExceeded
-        );
-        let _ = e;
+        fails_with(&call, &mut svc, "DeadlineExceeded").await;
         assert_eq!(
             call.cancel_reason(),
             Some(crate::cc::CancelReason::DeadlineExceeded)
