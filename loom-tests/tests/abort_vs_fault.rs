@@ -11,7 +11,7 @@
 mod common;
 
 use callcancel::ServiceHost;
-use common::Probe;
+use common::{spawn_abort, spawn_fault, Probe};
 
 #[test]
 fn abort_vs_fault_same_call() {
@@ -21,14 +21,8 @@ fn abort_vs_fault_same_call() {
         let call = channel.begin_call().unwrap();
         let p = Probe::new();
 
-        let aborter = {
-            let host = host.clone();
-            loom::thread::spawn(move || host.abort())
-        };
-        let faulter = {
-            let channel = channel.clone();
-            loom::thread::spawn(move || channel.fault())
-        };
+        let aborter = spawn_abort(&host);
+        let faulter = spawn_fault(&channel);
         p.register(&call).unwrap();
         aborter.join().unwrap();
         faulter.join().unwrap();

@@ -10,7 +10,7 @@
 mod common;
 
 use callcancel::{CancelReason, Error, ServiceHost};
-use common::Probe;
+use common::{spawn_abort, spawn_fault, Probe};
 
 #[test]
 fn begin_call_vs_host_abort() {
@@ -26,10 +26,7 @@ fn begin_call_vs_host_abort_model(reuse: bool) {
     if reuse {
         channel.begin_call().unwrap().complete();
     }
-    let aborter = {
-        let host = host.clone();
-        loom::thread::spawn(move || host.abort())
-    };
+    let aborter = spawn_abort(&host);
     let begun = channel.begin_call();
     aborter.join().unwrap();
     match begun {
@@ -54,10 +51,7 @@ fn begin_call_vs_channel_fault() {
     loom::model(|| {
         let host = ServiceHost::new();
         let channel = host.open_channel().unwrap();
-        let faulter = {
-            let channel = channel.clone();
-            loom::thread::spawn(move || channel.fault())
-        };
+        let faulter = spawn_fault(&channel);
         let begun = channel.begin_call();
         faulter.join().unwrap();
         match begun {

@@ -13,7 +13,7 @@ mod common;
 use std::sync::Arc;
 
 use callcancel::ServiceHost;
-use common::Probe;
+use common::{spawn_abort, Probe};
 use loom::sync::atomic::{AtomicBool, Ordering};
 
 #[test]
@@ -34,10 +34,7 @@ fn cancel_vs_complete_while_callback_runs() {
         })
         .unwrap();
 
-        let aborter = {
-            let host = host.clone();
-            loom::thread::spawn(move || host.abort())
-        };
+        let aborter = spawn_abort(&host);
         call.complete();
         completed.store(true, Ordering::Release);
         aborter.join().unwrap();
@@ -59,10 +56,7 @@ fn complete_vs_abort() {
         let p = Probe::new();
         p.register(&call).unwrap();
 
-        let aborter = {
-            let host = host.clone();
-            loom::thread::spawn(move || host.abort())
-        };
+        let aborter = spawn_abort(&host);
         let before = call.cancel_reason();
         call.complete();
         aborter.join().unwrap();

@@ -12,6 +12,10 @@
 //!   waits in the channel's overflow list; both are woken, with the reason.
 #![cfg(loom)]
 
+mod common;
+
+use common::{spawn_abort, spawn_fault};
+
 use core::future::Future;
 use core::pin::pin;
 use core::task::Poll;
@@ -23,10 +27,7 @@ fn cancelled_future_vs_abort() {
     loom::model(|| {
         let host = ServiceHost::new();
         let call = host.begin_call().unwrap();
-        let aborter = {
-            let host = host.clone();
-            loom::thread::spawn(move || host.abort())
-        };
+        let aborter = spawn_abort(&host);
         let reason = loom::future::block_on(call.cancelled());
         assert_eq!(reason, CancelReason::HostAbort);
         aborter.join().unwrap();
@@ -41,10 +42,7 @@ fn two_cancelled_futures_vs_fault() {
         let host = ServiceHost::new();
         let channel = host.open_channel().unwrap();
         let call = channel.begin_call().unwrap();
-        let faulter = {
-            let channel = channel.clone();
-            loom::thread::spawn(move || channel.fault())
-        };
+        let faulter = spawn_fault(&channel);
         let (r1, r2) = loom::future::block_on(async {
             let mut first = pin!(call.cancelled());
             let mut second = pin!(call.cancelled());

@@ -19,7 +19,7 @@ mod common;
 use std::time::Duration;
 
 use callcancel::{HostState, ServiceHost};
-use common::Probe;
+use common::{spawn_abort, Probe};
 
 #[test]
 fn wait_idle_vs_last_completion() {
@@ -30,10 +30,7 @@ fn wait_idle_vs_last_completion() {
         let p = Probe::new();
         p.register(&call).unwrap();
 
-        let aborter = {
-            let host = host.clone();
-            loom::thread::spawn(move || host.abort())
-        };
+        let aborter = spawn_abort(&host);
         let owner = loom::thread::spawn(move || call.complete());
         assert!(host.wait_idle(Duration::from_secs(3600)), "A2: idle");
         // Idle means the free-state (whoever ran it) has returned.

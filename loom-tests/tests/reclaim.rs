@@ -17,7 +17,7 @@
 mod common;
 
 use callcancel::{CancelReason, Error, ServiceHost};
-use common::Probe;
+use common::{spawn_abort, spawn_fault, Probe};
 
 #[test]
 fn channel_reclaimed_while_abort_sweeps() {
@@ -28,10 +28,7 @@ fn channel_reclaimed_while_abort_sweeps() {
         let p = Probe::new();
         p.register(&call).unwrap();
 
-        let aborter = {
-            let host = host.clone();
-            loom::thread::spawn(move || host.abort())
-        };
+        let aborter = spawn_abort(&host);
         let owner = loom::thread::spawn(move || {
             call.complete();
             drop(channel); // the last reference: the channel is reclaimed
@@ -54,10 +51,7 @@ fn slot_reused_while_fault_sweeps() {
         let p1 = Probe::new();
         p1.register(&first).unwrap();
 
-        let faulter = {
-            let channel = channel.clone();
-            loom::thread::spawn(move || channel.fault())
-        };
+        let faulter = spawn_fault(&channel);
         first.complete();
         let second = channel.begin_call();
         let p2 = Probe::new();

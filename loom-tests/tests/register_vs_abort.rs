@@ -6,6 +6,10 @@
 //! Run: `RUSTFLAGS="--cfg loom" cargo test --release -p callcancel-loom-tests`
 #![cfg(loom)]
 
+mod common;
+
+use common::spawn_abort;
+
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 
@@ -20,10 +24,7 @@ fn register_vs_host_abort() {
         let cancels = Arc::new(AtomicUsize::new(0));
         let frees = Arc::new(AtomicUsize::new(0));
 
-        let aborter = {
-            let host = host.clone();
-            loom::thread::spawn(move || host.abort())
-        };
+        let aborter = spawn_abort(&host);
 
         let c = Arc::clone(&cancels);
         let f = Arc::clone(&frees);
@@ -64,10 +65,7 @@ fn register_vs_abort_vs_complete() {
         let cancels = Arc::new(AtomicUsize::new(0));
         let frees = Arc::new(AtomicUsize::new(0));
 
-        let aborter = {
-            let host = host.clone();
-            loom::thread::spawn(move || host.abort())
-        };
+        let aborter = spawn_abort(&host);
 
         let c = Arc::clone(&cancels);
         let f = Arc::clone(&frees);

@@ -10,7 +10,7 @@
 mod common;
 
 use callcancel::{CancelReason, Error, ServiceHost};
-use common::Probe;
+use common::{spawn_fault, Probe};
 
 #[test]
 fn register_vs_channel_fault() {
@@ -20,10 +20,7 @@ fn register_vs_channel_fault() {
         let call = channel.begin_call().unwrap();
         let p = Probe::new();
 
-        let faulter = {
-            let channel = channel.clone();
-            loom::thread::spawn(move || channel.fault())
-        };
+        let faulter = spawn_fault(&channel);
         p.register(&call).unwrap();
         faulter.join().unwrap();
 

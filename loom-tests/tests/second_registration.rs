@@ -13,7 +13,7 @@ mod common;
 use std::sync::Arc;
 
 use callcancel::{RegisterErrorKind, ServiceHost};
-use common::Probe;
+use common::{spawn_abort, Probe};
 
 #[test]
 fn second_registration_vs_abort() {
@@ -22,10 +22,7 @@ fn second_registration_vs_abort() {
         let call = Arc::new(host.begin_call().unwrap());
         let (a, b) = (Probe::new(), Probe::new());
 
-        let aborter = {
-            let host = host.clone();
-            loom::thread::spawn(move || host.abort())
-        };
+        let aborter = spawn_abort(&host);
         let other = {
             let call = Arc::clone(&call);
             let b = Arc::clone(&b);

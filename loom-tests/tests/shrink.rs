@@ -24,6 +24,10 @@
 //! Under loom a slab's first segment holds 2 slots, then 4, then 8.
 #![cfg(loom)]
 
+mod common;
+
+use common::spawn_fault;
+
 use callcancel::{CancelReason, ServiceHost};
 
 /// The set-up (7 calls, a census over 3 segments) has many atomic steps,
@@ -95,10 +99,7 @@ fn begin_call_in_a_new_segment_vs_fault() {
         let channel = host.open_channel().unwrap();
         // Segment 0 (2 slots) is full: the next call grows segment 1.
         let held: Vec<_> = (0..2).map(|_| channel.begin_call().unwrap()).collect();
-        let faulter = {
-            let channel = channel.clone();
-            loom::thread::spawn(move || channel.fault())
-        };
+        let faulter = spawn_fault(&channel);
         let third = channel.begin_call();
         faulter.join().unwrap();
         for call in &held {
@@ -134,10 +135,7 @@ fn regrow_vs_shrink_vs_fault() {
             let host = host.clone();
             loom::thread::spawn(move || host.in_flight())
         };
-        let faulter = {
-            let channel = channel.clone();
-            loom::thread::spawn(move || channel.fault())
-        };
+        let faulter = spawn_fault(&channel);
         let third = channel.begin_call();
         let seen = censor.join().unwrap();
         faulter.join().unwrap();

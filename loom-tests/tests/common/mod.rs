@@ -118,3 +118,15 @@ impl Probe {
         );
     }
 }
+
+/// A thread that faults `channel` (a clone of the handle moves into it).
+pub fn spawn_fault(channel: &callcancel::Channel) -> loom::thread::JoinHandle<()> {
+    let channel = channel.clone();
+    loom::thread::spawn(move || channel.fault())
+}
+
+/// A thread that aborts `host` (a clone of the handle moves into it).
+pub fn spawn_abort(host: &callcancel::ServiceHost) -> loom::thread::JoinHandle<()> {
+    let host = host.clone();
+    loom::thread::spawn(move || host.abort())
+}
