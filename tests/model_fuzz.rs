@@ -231,6 +231,8 @@ struct Harness {
     /// `HostStats` must match exactly.
     cancelled: [u64; 4],
     refused: u64,
+    /// Of `refused`: begins refused because the channel was faulted.
+    refused_faulted: u64,
     /// DeadlineExceeded callbacks that ran before their deadline (R7).
     early: Arc<std::sync::atomic::AtomicUsize>,
 }
@@ -275,6 +277,7 @@ impl Harness {
             cancellers: Vec::new(),
             cancelled: [0; 4],
             refused: 0,
+            refused_faulted: 0,
             early: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         }
     }
@@ -402,6 +405,10 @@ impl Harness {
             );
         }
         assert_eq!(stats.refused, self.refused, "HostStats::refused");
+        assert_eq!(
+            stats.refused_channel_faulted, self.refused_faulted,
+            "HostStats::refused_channel_faulted"
+        );
         assert_eq!(stats.in_flight, self.in_flight_model(None));
         assert_eq!(self.early.load(SeqCst), 0, "R7: a deadline fired early");
     }
@@ -474,6 +481,7 @@ impl Harness {
                     }
                     (res, want) => {
                         self.refused += 1;
+                        self.refused_faulted += u64::from(want == Some(Error::ChannelFaulted));
                         assert_eq!(res.err(), want)
                     }
                 }

@@ -244,7 +244,7 @@ impl ChannelShared {
     pub(crate) fn begin(&self) -> Result<NonNull<CallSlot>, Error> {
         // Cheap early refusal; the SeqCst re-check below is what R4 relies on.
         if let Err(e) = self.check(Ordering::Acquire) {
-            self.host.count_refused();
+            self.host.count_refused(e);
             return Err(e);
         }
         let slot = self.slab.claim();
@@ -258,7 +258,7 @@ impl ChannelShared {
         }
         crate::sync::dekker_fence();
         if let Err(e) = self.check(Ordering::SeqCst) {
-            self.refuse(slot);
+            self.refuse(slot, e);
             return Err(e);
         }
         Ok(slot)
@@ -266,8 +266,8 @@ impl ChannelShared {
 
     #[cold]
     #[inline(never)]
-    fn refuse(&self, slot: NonNull<CallSlot>) {
-        self.host.count_refused();
+    fn refuse(&self, slot: NonNull<CallSlot>, why: Error) {
+        self.host.count_refused(why);
         // SAFETY: we occupy `slot` (just claimed) and it is ours to finish.
         let slot = unsafe { slot.as_ref() };
         // Nothing registered, nobody parked: no user code runs. A sweep may

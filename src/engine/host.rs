@@ -73,7 +73,7 @@ impl HostShared {
         // Ordering: Acquire, an early refusal only; the SeqCst re-check
         // below is the one that counts.
         if let Err(e) = core.check_accepting(Ordering::Acquire) {
-            core.count_refused();
+            core.count_refused(e);
             return Err(e);
         }
         let entry = self.table.reserve();
@@ -81,7 +81,7 @@ impl HostShared {
         shared.publish_in_table();
         crate::sync::dekker_fence();
         if let Err(e) = core.check_accepting(Ordering::SeqCst) {
-            core.count_refused();
+            core.count_refused(e);
             // The caller never sees the handle: dropping it disposes.
             shared.drop_handle();
             return Err(e);
@@ -109,13 +109,14 @@ impl HostShared {
     }
 
     pub(crate) fn stats(&self) -> HostStats {
-        let (refused, cancelled) = self.core.counts();
+        let (refused, refused_channel_faulted, cancelled) = self.core.counts();
         let mut channels = 0;
         self.table
             .for_each(|ch| channels += usize::from(!ch.is_disposed()));
         HostStats {
             in_flight: self.in_flight(),
             refused,
+            refused_channel_faulted,
             channels,
             cancelled,
         }

@@ -57,6 +57,8 @@ struct CounterStripe {
     /// Per [`CancelReason`] (`reason_index`).
     cancelled: [AtomicU64; 4],
     refused: AtomicU64,
+    /// Of `refused`: `begin_call`s refused because their channel was faulted.
+    refused_faulted: AtomicU64,
 }
 
 /// The parked async idle waiters.
@@ -150,20 +152,29 @@ impl HostCore {
         self.stripe().cancelled[reason_index(reason)].fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// A `begin_call` or `open_channel` was refused.
+    /// A `begin_call` or `open_channel` was refused with `why`.
     #[cold]
-    pub(crate) fn count_refused(&self) {
+    pub(crate) fn count_refused(&self, why: Error) {
+        let stripe = self.stripe();
         // Ordering: Relaxed, as above.
-        self.stripe().refused.fetch_add(1, Ordering::Relaxed);
+        stripe.refused.fetch_add(1, Ordering::Relaxed);
+        if why == Error::ChannelFaulted {
+            // Ordering: Relaxed, as above.
+            stripe.refused_faulted.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
-    /// Sums the stripes: (refused, cancelled by reason).
-    pub(crate) fn counts(&self) -> (u64, [u64; 4]) {
+    /// Sums the stripes: (refused, of those for a faulted channel,
+    /// cancelled by reason).
+    pub(crate) fn counts(&self) -> (u64, u64, [u64; 4]) {
         let mut refused = 0;
+        let mut refused_faulted = 0;
         let mut cancelled = [0u64; 4];
         for stripe in &self.counters {
             // Ordering: Relaxed, as above.
             refused += stripe.0.refused.load(Ordering::Relaxed);
+            // Ordering: Relaxed, as above.
+            refused_faulted += stripe.0.refused_faulted.load(Ordering::Relaxed);
             for (sum, c) in cancelled.iter_mut().zip(&stripe.0.cancelled) {
                 *sum = u64::wrapping_add(*sum, c.load(Ordering::Relaxed));
             }
@@ -175,7 +186,9 @@ impl HostCore {
                 *sum = 0;
             }
         }
-        (refused, cancelled)
+        // The two refusal counters are read one after the other: never
+        // report more faulted-channel refusals than refusals.
+        (refused, refused_faulted.min(refused), cancelled)
     }
 
     /// Whether anybody waits for idle: read by a freer right after its

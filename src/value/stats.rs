@@ -21,9 +21,13 @@ use crate::CancelReason;
 /// assert_eq!(stats.cancelled(CancelReason::CallCancelled), 1);
 /// assert_eq!(stats.in_flight, 1);
 /// drop(call);
+/// let channel = host.open_channel().unwrap();
+/// channel.fault();
+/// assert!(channel.begin_call().is_err());
 /// host.abort();
 /// assert!(host.begin_call().is_err());
-/// assert_eq!(host.stats().refused, 1);
+/// let stats = host.stats();
+/// assert_eq!((stats.refused, stats.refused_channel_faulted), (2, 1));
 /// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct HostStats {
@@ -33,6 +37,10 @@ pub struct HostStats {
     /// `begin_call`s and `open_channel`s turned away (host aborted, closing
     /// or closed; channel faulted).
     pub refused: u64,
+    /// Of `refused`, the `begin_call`s turned away because their channel
+    /// was faulted (so `refused - refused_channel_faulted` is what the host
+    /// itself, aborted, closing or closed, turned away).
+    pub refused_channel_faulted: u64,
     /// Channels not yet disposed of: open ones, and ones whose handles are
     /// gone but whose calls are still finishing (host-scope shards are not
     /// counted). Returns to zero once every channel was dropped and its

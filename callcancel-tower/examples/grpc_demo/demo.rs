@@ -175,7 +175,13 @@ impl Demo {
             cancelled_call: c.call.load(SeqCst),
             cancelled_deadline: c.deadline.load(SeqCst),
             freed,
-            refused: self.host.stats().refused,
+            // RPCs turned away by a closing or aborted host (DESIGN.md),
+            // not those of a faulted connection (a request racing its
+            // connection's end).
+            refused: {
+                let st = self.host.stats();
+                st.refused.saturating_sub(st.refused_channel_faulted)
+            },
         }
     }
 
