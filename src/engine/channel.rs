@@ -412,8 +412,7 @@ impl ChannelShared {
             // Right after the freer-deciding SeqCst RMW.
             let after = self.after_release_duties();
             panics.record(self.free(slot, true));
-            let start = self.slab.index_hint(slot);
-            let (panic, keep) = self.release(slot, word, after, start);
+            let (panic, keep) = self.release(slot, word, after);
             panics.record(panic);
             // Callers of `run_claimed` hold an `Arc` of the channel (a
             // sweep's, a `Canceller`'s, a timer job's): never the last one.
@@ -523,7 +522,7 @@ impl ChannelShared {
     ) -> (Option<Panic>, Option<CancelReason>, Keep) {
         // SAFETY: per the contract the call occupies the slot: slot and
         // channel are alive until our release below.
-        let (prev, after, start, mut panics) = unsafe {
+        let (prev, after, mut panics) = unsafe {
             let (ch, slot) = (this.as_ref(), slot.as_ref());
             let Completion::OwnerFrees { prev } = slot.state.complete() else {
                 // A canceller's callback still runs: it frees and releases.
@@ -538,11 +537,10 @@ impl ChannelShared {
                 panics.record(ch.free(slot, prev.is_cancelled()));
             }
             ch.slab.note_released(slot);
-            (prev, after, ch.slab.index_hint(slot), panics)
+            (prev, after, panics)
         };
         // SAFETY: still ours until the swap inside; see `release_raw`.
-        let (panic, keep) =
-            unsafe { Self::release_raw(this, slot, prev.with_completed(), after, start) };
+        let (panic, keep) = unsafe { Self::release_raw(this, slot, prev.with_completed(), after) };
         panics.record(panic);
         (panics.into_inner(), prev.reason(), keep)
     }
@@ -607,21 +605,15 @@ impl ChannelShared {
 
     /// Hands a finished slot back (`word`: the word as the freer knows it)
     /// and runs the release duties the freer saw (`duties`) or was handed
-    /// (`DUTY`), scanning from slot index `start`. For freers whose caller
+    /// (`DUTY`). For freers whose caller
     /// holds a strong reference (`run_claimed`); the owner uses
     /// [`ChannelShared::release_raw`] through `complete`.
     #[must_use]
     #[inline]
-    fn release(
-        &self,
-        slot: &CallSlot,
-        word: Snapshot,
-        duties: bool,
-        start: Option<usize>,
-    ) -> (Option<Panic>, Keep) {
+    fn release(&self, slot: &CallSlot, word: Snapshot, duties: bool) -> (Option<Panic>, Keep) {
         // SAFETY: the slot is occupied by the call we free; the caller's
         // strong reference keeps the channel alive past this call.
-        unsafe { Self::release_raw(self.self_ptr(), NonNull::from(slot), word, duties, start) }
+        unsafe { Self::release_raw(self.self_ptr(), NonNull::from(slot), word, duties) }
     }
 
     /// [`ChannelShared::release`] on raw pointers. After the release swap
@@ -640,7 +632,6 @@ impl ChannelShared {
         slot: NonNull<CallSlot>,
         word: Snapshot,
         duties: bool,
-        start: Option<usize>,
     ) -> (Option<Panic>, Keep) {
         let held = duties.then(|| {
             // SAFETY: before the swap the slot is occupied, so the
@@ -664,22 +655,25 @@ impl ChannelShared {
             }
             (None, adopted) => adopted,
         };
-        let panic = keep.as_ref().and_then(|ch| Self::run_duties(ch, start));
+        let panic = keep
+            .as_ref()
+            .and_then(|ch| Self::run_duties(ch, slot.as_ptr().cast_const()));
         (panic, keep)
     }
 
     /// The release duties: wake idle waiters, dispose of an orphaned
-    /// channel (scanning from the slot just released). Runs on a strong
-    /// reference, which keeps `slot`'s memory alive.
+    /// channel (scanning from the slot just released, at `released`: an
+    /// address only, the slot may be reused by now). Runs on a strong
+    /// reference.
     #[cold]
-    fn run_duties(this: &Arc<Self>, start: Option<usize>) -> Option<Panic> {
+    fn run_duties(this: &Arc<Self>, released: *const CallSlot) -> Option<Panic> {
         let panic = if this.host.idle_watched() {
             this.host.notify_idle()
         } else {
             None
         };
         if this.is_orphaned() {
-            this.try_dispose_from(start);
+            this.try_dispose_from(this.slab.index_hint(released));
         }
         panic
     }

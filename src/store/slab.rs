@@ -535,9 +535,14 @@ impl Slab {
     /// Where `slot` lives: (segment index, segment base), if it is one of
     /// this slab's published slots. Address arithmetic only.
     pub(crate) fn locate_slot(&self, slot: &CallSlot) -> Option<(usize, *const CallSlot)> {
-        let addr = ptr::from_ref(slot) as usize;
         // The slot is occupied by the caller's call (or under the caller's
         // walk): its segment is below the bound.
+        self.locate_addr(ptr::from_ref(slot) as usize)
+    }
+
+    /// As [`Slab::locate_slot`], for an address (never dereferenced): the
+    /// segment below the bound that holds it now, if any.
+    fn locate_addr(&self, addr: usize) -> Option<(usize, *const CallSlot)> {
         (0..self.segment_bound().min(SEGMENTS)).find_map(|k| {
             let base = self.seg_ptr(k, Ordering::Acquire);
             if base.is_null() {
@@ -793,18 +798,14 @@ impl Slab {
         None
     }
 
-    /// The index of a slot the caller occupies (a freer's start hint for a
-    /// later scan, taken while the slot is still its own).
-    #[inline]
-    pub(crate) fn index_hint(&self, slot: &CallSlot) -> Option<usize> {
-        self.index_of(slot)
-    }
-
-    /// The index of `slot`, if it is one of this slab's published slots.
-    /// Address arithmetic only.
-    fn index_of(&self, slot: &CallSlot) -> Option<usize> {
-        let (k, base) = self.locate_slot(slot)?;
-        let off = (ptr::from_ref(slot) as usize - base as usize) / core::mem::size_of::<CallSlot>();
+    /// The index of the slot at `slot` (a freer's start hint for a later
+    /// scan), if its segment is still published: address arithmetic only,
+    /// so the slot may have been released (and its segment given back)
+    /// since.
+    pub(crate) fn index_hint(&self, slot: *const CallSlot) -> Option<usize> {
+        let addr = slot as usize;
+        let (k, base) = self.locate_addr(addr)?;
+        let off = (addr - base as usize) / core::mem::size_of::<CallSlot>();
         Some(BASE * ((1 << k) - 1) + off)
     }
 
