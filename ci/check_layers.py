@@ -23,7 +23,7 @@ LAYERS = [
     ("state word", ["state"]),
     ("slot", ["slot"]),
     ("store", ["store", "store::slab", "store::table", "store::host_core",
-               "store::overflow", "store::timer", "store::segment"]),
+               "store::overflow", "store::timer", "store::segment", "store::host_store"]),
     ("engine", ["engine", "engine::channel", "engine::host", "engine::deadline"]),
     ("async", ["wait", "wait::cancel", "wait::idle", "wait::close"]),
     ("face", ["call", "channel", "host"]),

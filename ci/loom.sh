@@ -61,6 +61,7 @@ loom begin_call_vs_abort begin_call_vs_host_abort -
 loom begin_call_vs_abort begin_call_vs_channel_fault -
 loom begin_call_vs_abort reused_slot_begin_call_vs_host_abort -
 loom begin_call_vs_abort begin_call_vs_close -
+loom begin_call_vs_abort two_first_calls_vs_host_abort 2
 loom second_registration second_registration_vs_abort 3
 loom cancelled_future cancelled_future_vs_abort -
 loom cancelled_future two_cancelled_futures_vs_fault -

@@ -26,6 +26,10 @@
 #   no_cover               src/store/slab.rs: Slab::cover never raises the segments
 #                                          bound: a sweep that scans below it misses
 #                                          a call in a newly grown segment (R4)
+#   registered_early       src/engine/channel.rs: ChannelShared::enter_table announces
+#                                          the channel as in the table before
+#                                          publishing it: another first call skips
+#                                          ahead and an abort misses its call (R4)
 #   no_duty                src/state.rs:   CallState::request_duty never hands the
 #                                          release duties over (orphan leak,
 #                                          idle waiter never woken)
@@ -36,7 +40,7 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target/mutants}
 base="--cfg loom -C debug-assertions"
 
-# mutant file test
+# mutant file test [preemption bound, default $LOOM_MAX_PREEMPTIONS]
 mutants="
 no_inline_run register_vs_abort register_vs_host_abort
 complete_ignores_claim cancel_vs_complete cancel_vs_complete_while_callback_runs
@@ -48,6 +52,7 @@ watch_primary watch_reuse watch_repolled_across_slot_reuse
 no_duty orphan last_handle_vs_finishing_free
 canceller_current_gen cancel_per_call canceller_vs_complete_and_reuse
 no_cover shrink begin_call_in_a_new_segment_vs_fault
+registered_early begin_call_vs_abort two_first_calls_vs_host_abort 2
 "
 
 run() { # flags file test -> exit status of the model, output in $out
@@ -62,13 +67,14 @@ run() { # flags file test -> exit status of the model, output in $out
 # Optional: only mutants whose name matches $1 (a regex).
 filter=${1:-}
 # Three-thread models need a preemption bound (as in ci/loom.sh).
-export LOOM_MAX_PREEMPTIONS=${LOOM_MAX_PREEMPTIONS:-3}
+default_bound=${LOOM_MAX_PREEMPTIONS:-3}
 
 report=""
 survived=0
 IFS=$' \n\t'
-while read -r name file test; do
+while read -r name file test bound; do
   [[ -z $name ]] && continue
+  export LOOM_MAX_PREEMPTIONS=${bound:-$default_bound}
   [[ -n $filter && ! $name =~ $filter ]] && continue
   echo "::: mutant $name -> $file::$test"
   if ! run "$base" "$file" "$test"; then

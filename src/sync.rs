@@ -22,9 +22,12 @@
 //!   a second pass with that cfg and crossbeam-epoch's `loom` feature, so
 //!   loom explores the real epoch code; a plain `--cfg loom` build treats it
 //!   as a black box.
-//! * **Not seen (a linearizable black box):** `arc_swap` (the host
-//!   channel-table snapshot, written only when the table grows). Its own
-//!   miri/TSan coverage stands for its internals.
+//! * **Seen through a stand-in:** `arc_swap` (the host channel-table
+//!   snapshot, written only when the table grows or compacts) is a loom
+//!   `Mutex` around an `Arc` under loom ([`ArcSwap`]): linearizable like
+//!   arc-swap, and loom sees a chunk appended by a channel's first call
+//!   happen before another thread reads it. arc-swap's own miri/TSan
+//!   coverage stands for its internals.
 //! * `Arc`/`Weak` stay std's: loom's `Arc` has no `Weak`. Where the last
 //!   `Arc` drop is the only synchronisation loom would need to see, a
 //!   loom-only acquire RMW stands in (`CallState::sync_before_drop`).
@@ -74,7 +77,37 @@ pub(crate) use atomic_waker::AtomicWaker;
 pub(crate) use crate::loom_waker::AtomicWaker;
 
 /// The host's channel-table snapshot.
+#[cfg(not(loom))]
 pub(crate) use arc_swap::ArcSwap;
+
+/// Under loom, a stand-in for the channel-table snapshot with the API the
+/// table uses: a loom `Mutex` around the current `Arc`, so that loom sees a
+/// chunk appended by one thread (a channel's first call) happen before
+/// another thread's walk reads its entries (arc-swap, unmodelled, would
+/// hide that edge). Linearizable like arc-swap; a lock only in the model.
+#[cfg(loom)]
+pub(crate) struct ArcSwap<T>(loom::sync::Mutex<Arc<T>>);
+
+#[cfg(loom)]
+impl<T> ArcSwap<T> {
+    pub(crate) fn from_pointee(value: T) -> Self {
+        Self(loom::sync::Mutex::new(Arc::new(value)))
+    }
+
+    pub(crate) fn load(&self) -> Arc<T> {
+        self.load_full()
+    }
+
+    pub(crate) fn load_full(&self) -> Arc<T> {
+        Arc::clone(&lock(&self.0))
+    }
+
+    pub(crate) fn rcu(&self, f: impl FnOnce(&Arc<T>) -> T) {
+        let mut cur = lock(&self.0);
+        let next = Arc::new(f(&cur));
+        *cur = next;
+    }
+}
 
 /// A cell with loom's closure-based API in both builds, so loom can check
 /// causality of every access to the callback storage.

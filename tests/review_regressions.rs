@@ -180,3 +180,38 @@ fn abort_takes_over_a_deadline_callback_queued_behind_a_blocked_runner() {
         .expect("abort deadlocked behind a blocked deadline runner");
     assert!(y_ran);
 }
+
+/// Issue 13 (W3): a channel enters its host's table only with its first
+/// call, yet `HostStats::channels` counts every channel not yet disposed of
+/// (idle ones too, from any thread), and an abort still reaches every
+/// channel with a call (the call's first `begin_call` put it in the table).
+#[test]
+fn idle_channels_are_counted_and_first_calls_are_swept() {
+    let host = ServiceHost::new();
+    let idle: Vec<_> = (0..100).map(|_| host.open_channel().unwrap()).collect();
+    assert_eq!(host.stats().channels, 100);
+    let busy: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                s.spawn(|| {
+                    let ch = host.open_channel().unwrap();
+                    let call = ch.begin_call().unwrap();
+                    (ch, call)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(host.stats().channels, 104);
+    assert_eq!(host.in_flight(), 4);
+    host.abort();
+    for (_, call) in &busy {
+        assert_eq!(call.cancel_reason(), Some(CancelReason::HostAbort));
+    }
+    // Dropped on another thread than the one that opened them.
+    std::thread::spawn(move || drop(idle)).join().unwrap();
+    assert_eq!(host.stats().channels, 4);
+    drop(busy);
+    let stats = host.stats();
+    assert_eq!((stats.channels, stats.in_flight), (0, 0));
+}

@@ -5,6 +5,13 @@
 //! counted in flight until it completes; a refused call is never counted.
 //! This is the `SeqCst` Dekker pair of `state.rs`: the claimer's
 //! `try_occupy` + re-check against the canceller's flag + sweep.
+//!
+//! A channel enters its host's table with its first call (issue 13, W3):
+//! `begin_call_vs_host_abort` races that first call with the abort, and
+//! `two_first_calls_vs_host_abort` two first calls on two threads, of which
+//! one publishes the channel while the other must not pass its re-check
+//! before that publication (the mutant `registered_early`, which announces
+//! the channel as published before it is, fails it).
 #![cfg(loom)]
 
 mod common;
@@ -110,5 +117,40 @@ fn begin_call_vs_close() {
             assert!(saw_finished, "close returned while a call was in flight");
         }
         assert_eq!(host.in_flight(), 0);
+    });
+}
+
+#[test]
+fn two_first_calls_vs_host_abort() {
+    loom::model(|| {
+        let host = ServiceHost::new();
+        let channel = host.open_channel().unwrap();
+        let first = {
+            let channel = channel.clone();
+            loom::thread::spawn(move || channel.begin_call())
+        };
+        let aborter = spawn_abort(&host);
+        let second = channel.begin_call();
+        let first = first.join().unwrap();
+        aborter.join().unwrap();
+        for begun in [first, second] {
+            match begun {
+                Ok(call) => {
+                    assert_eq!(
+                        call.cancel_reason(),
+                        Some(CancelReason::HostAbort),
+                        "R4: a first call in flight across the abort"
+                    );
+                    drop(call);
+                }
+                Err(e) => assert_eq!(e, Error::HostAborted),
+            }
+        }
+        assert_eq!(host.in_flight(), 0);
+        assert_eq!(
+            host.stats().channels,
+            1,
+            "one channel, however many entries"
+        );
     });
 }

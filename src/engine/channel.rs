@@ -33,11 +33,21 @@ use crate::state::{
     AfterCallback, CancelOutcome, Completion, DutyRequest, Published, Released, Snapshot, OVERFLOW,
     WAITER,
 };
-use crate::store::host_core::{HostCore, UserCode};
+use crate::store::host_core::UserCode;
+use crate::store::host_store::HostStore;
 use crate::store::overflow::Overflow;
 use crate::store::slab::Slab;
 use crate::store::table::TableEntry;
 use crate::sync::{Arc, AtomicPtr, AtomicU8, AtomicUsize, Ordering};
+
+/// A host's core and channel table, as its channels see it.
+pub(crate) type Store = HostStore<ChannelShared>;
+
+/// `ChannelShared::flags`: the channel was faulted.
+const FAULTED: u8 = 1;
+/// `ChannelShared::flags`: the channel is published in its host's table
+/// (set by its first call; shards never are, and start with it).
+const REGISTERED: u8 = 2;
 use crate::value::panic::{catch, FirstPanic, Panic};
 use crate::{CancelReason, Error, RegisterError, RegisterErrorKind};
 
@@ -51,27 +61,37 @@ pub(crate) struct ChannelShared {
     /// `Arc::into_raw` of this channel, held for its calls; null once
     /// disposed.
     keepalive: AtomicPtr<ChannelShared>,
-    /// `1` once faulted. Set by a `SeqCst` swap before the fault sweep; read
-    /// `SeqCst` by `begin`'s re-check (the R4 Dekker pair, `state.rs`).
-    faulted: AtomicU8,
-    pub(crate) host: Arc<HostCore>,
+    /// `FAULTED` and `REGISTERED`. `FAULTED` is set by a `SeqCst` RMW
+    /// before the fault sweep and read `SeqCst` by `begin`'s re-check (the
+    /// R4 Dekker pair, `state.rs`); `REGISTERED` is read by the same early
+    /// load of `begin` that checks `FAULTED` (no extra load on the hot path).
+    flags: AtomicU8,
+    pub(crate) host: Arc<Store>,
     /// Secondary waiters of this channel's calls (slow path).
     pub(crate) overflow: Overflow,
-    /// Where the host's table points at this channel; `None` for shards.
-    table: Option<TableEntry<ChannelShared>>,
+    /// This channel's entry in its host's table (`TableEntry::pack`), 0
+    /// until its first call takes one (`enter_table`); never for a shard.
+    entry: AtomicUsize,
+    /// Counted in the host's open channels (not a shard).
+    counted: bool,
 }
 
 impl ChannelShared {
-    /// A new channel with one handle (the caller's).
-    pub(crate) fn new(host: Arc<HostCore>, table: Option<TableEntry<ChannelShared>>) -> Arc<Self> {
+    /// A new channel with one handle (the caller's); a host-scope shard if
+    /// `shard` (never in the table, not counted as a channel).
+    pub(crate) fn new(host: Arc<Store>, shard: bool) -> Arc<Self> {
+        if !shard {
+            host.count_channel(true);
+        }
         let channel = Arc::new(Self {
             slab: Slab::new(),
             handles: AtomicUsize::new(1),
             keepalive: AtomicPtr::new(ptr::null_mut()),
-            faulted: AtomicU8::new(0),
+            flags: AtomicU8::new(if shard { REGISTERED } else { 0 }),
             host,
             overflow: Overflow::default(),
-            table,
+            entry: AtomicUsize::new(0),
+            counted: !shard,
         });
         let raw = Arc::into_raw(Arc::clone(&channel)).cast_mut();
         // Ordering: Release; the handle returned here carries it to other
@@ -180,11 +200,71 @@ impl ChannelShared {
         // reference, and orders every freer's release before the drop.
         let raw = self.keepalive.swap(ptr::null_mut(), Ordering::AcqRel);
         if !raw.is_null() {
+            if self.counted {
+                self.host.count_channel(false);
+            }
             // SAFETY: `raw` came from `Arc::into_raw` in `new`; the swap made
             // us its only owner. The caller's own reference keeps `self`
             // alive past this drop.
             drop(unsafe { Arc::from_raw(raw) });
         }
+    }
+
+    /// Publishes the channel in its host's table, for its first call (a
+    /// channel that never runs a call never touches the table: W3). Racing
+    /// first calls on other threads do the same, wait-free: each may
+    /// reserve an entry, one CAS makes one of them the channel's (the others
+    /// give theirs back), and each then tries to publish the channel there
+    /// (`TableEntry::publish_once`: the first wins, the rest see it done).
+    /// So every first call's re-check comes after the publication in the
+    /// `SeqCst` order, and an abort's table walk that follows the re-check
+    /// finds the channel (R4).
+    #[cold]
+    #[inline(never)]
+    fn enter_table(&self) {
+        let table = &self.host.table;
+        // Ordering: Acquire pairs with the AcqRel CAS below (another first
+        // call's entry).
+        let mut word = self.entry.load(Ordering::Acquire);
+        if word == 0 {
+            let mine = table.reserve().pack();
+            // Ordering: AcqRel: publishes our reservation to the other first
+            // calls, or reads theirs.
+            match self
+                .entry
+                .compare_exchange(0, mine, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => word = mine,
+                Err(theirs) => {
+                    // SAFETY: reserved just now from our host's table (alive:
+                    // `self.host`), never published, given back once.
+                    unsafe {
+                        TableEntry::<ChannelShared>::unpack(mine)
+                            .expect("a packed entry is non-zero")
+                            .retire();
+                    }
+                    word = theirs;
+                }
+            }
+        }
+        // SAFETY: packed by a first call of this channel from our host's
+        // table; retired only by our `Drop`.
+        let entry = unsafe { TableEntry::<ChannelShared>::unpack(word) }
+            .expect("a packed entry is non-zero");
+        // The channel's `Arc`, from the keepalive (held: the caller holds a
+        // handle), borrowed for the weak reference: no count changes.
+        // SAFETY: the keepalive pointer came from `Arc::into_raw`; the
+        // `ManuallyDrop` never releases the reference it stands for.
+        let me = core::mem::ManuallyDrop::new(unsafe { Arc::from_raw(self.self_ptr().as_ptr()) });
+        // Mutant (ci/mutants.sh): announce the channel before publishing it.
+        if cfg!(callcancel_mutant = "registered_early") {
+            self.flags.fetch_or(REGISTERED, Ordering::Release);
+        }
+        // SAFETY: as for `entry` above.
+        let _ = unsafe { entry.publish_once(&me) };
+        // Ordering: Release, after the SeqCst publication: a first call
+        // that reads the bit in `begin` (Acquire) is ordered after it.
+        self.flags.fetch_or(REGISTERED, Ordering::Release);
     }
 
     /// The channel's own address, with the provenance of its `Arc` (taken
@@ -213,39 +293,40 @@ impl ChannelShared {
         }
     }
 
-    pub(crate) fn publish_in_table(self: &Arc<Self>) {
-        if let Some(entry) = &self.table {
-            entry.publish(self);
-        }
-    }
-
-    /// Whether the keepalive was dropped (no handle and no call left).
-    pub(crate) fn is_disposed(&self) -> bool {
-        self.keepalive_ptr().is_none()
-    }
-
     pub(crate) fn is_faulted(&self) -> bool {
-        // Ordering: Acquire pairs with the SeqCst swap in `fault`.
-        self.faulted.load(Ordering::Acquire) != 0
+        // Ordering: Acquire pairs with the SeqCst RMW in `fault`.
+        self.flags.load(Ordering::Acquire) & FAULTED != 0
     }
 
+    /// The host's and the channel's refusal, else the channel's flags.
     #[inline]
-    fn check(&self, order: Ordering) -> Result<(), Error> {
+    fn check(&self, order: Ordering) -> Result<u8, Error> {
         self.host.check_accepting(order)?;
-        if self.faulted.load(order) != 0 {
+        let flags = self.flags.load(order);
+        if flags & FAULTED != 0 {
             return Err(Error::ChannelFaulted);
         }
-        Ok(())
+        Ok(flags)
     }
 
-    /// Begins a call: claims a slot (a `SeqCst` CAS), then re-checks the
+    /// Begins a call: publishes the channel in its host's table if this is
+    /// its first call, claims a slot (a `SeqCst` CAS), then re-checks the
     /// host and channel flags (R4: decided here).
     #[inline]
     pub(crate) fn begin(&self) -> Result<NonNull<CallSlot>, Error> {
         // Cheap early refusal; the SeqCst re-check below is what R4 relies on.
-        if let Err(e) = self.check(Ordering::Acquire) {
-            self.host.count_refused(e);
-            return Err(e);
+        let flags = match self.check(Ordering::Acquire) {
+            Ok(flags) => flags,
+            Err(e) => {
+                self.host.count_refused(e);
+                return Err(e);
+            }
+        };
+        // Ordering: the Acquire load above read `REGISTERED` set (Release)
+        // after the publication, so that publication precedes our SeqCst
+        // claim and re-check in the SeqCst order.
+        if flags & REGISTERED == 0 {
+            self.enter_table();
         }
         let slot = self.slab.claim();
         // Ordering: the R4 Dekker pair with abort/fault/close (state.rs):
@@ -288,7 +369,7 @@ impl ChannelShared {
     /// (A1 for every caller: see [`ChannelShared::sweep`]).
     pub(crate) fn fault(&self) {
         // Ordering: SeqCst, first half of the R4 Dekker pair.
-        self.faulted.swap(1, Ordering::SeqCst);
+        self.flags.fetch_or(FAULTED, Ordering::SeqCst);
         crate::sync::dekker_fence();
         let mut panics = FirstPanic::default();
         self.sweep(CancelReason::ChannelFaulted, &mut panics);
@@ -748,8 +829,14 @@ pub(crate) fn slot_key(slot: &CallSlot) -> usize {
 
 impl Drop for ChannelShared {
     fn drop(&mut self) {
-        if let Some(entry) = &self.table {
-            entry.retire();
+        // Ordering: Relaxed; `&mut self` orders us after every other user.
+        let word = self.entry.load(Ordering::Relaxed);
+        // SAFETY: a non-zero word was packed by `enter_table` from an entry of
+        // our host's table, which `self.host` still keeps alive; retired
+        // once, here.
+        if let Some(entry) = unsafe { TableEntry::<ChannelShared>::unpack(word) } {
+            // SAFETY: as above.
+            unsafe { entry.retire() };
         }
     }
 }

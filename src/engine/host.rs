@@ -3,9 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use crate::engine::channel::ChannelShared;
-use crate::store::host_core::{running_for, HostCore, ABORTED, CLOSED, CLOSING, OPEN};
-use crate::store::table::ChannelTable;
+use crate::engine::channel::{ChannelShared, Store};
+use crate::store::host_core::{running_for, ABORTED, CLOSED, CLOSING, OPEN};
 use crate::sync::{thread_shard, Arc, AtomicUsize, Ordering};
 use crate::value::panic::{catch, FirstPanic};
 use crate::{CancelReason, Error, HostStats};
@@ -25,22 +24,22 @@ pub(crate) struct HostShared {
     /// `ServiceHost` handles (futures of the host hold the `Arc`, not a
     /// handle). The last handle's drop aborts an unclosed host (A5).
     handles: AtomicUsize,
-    pub(crate) core: Arc<HostCore>,
-    table: ChannelTable<ChannelShared>,
+    /// The core and the channel table (`store/host_store.rs`), shared with
+    /// every channel.
+    pub(crate) core: Arc<Store>,
     shards: Vec<Arc<ChannelShared>>,
 }
 
 impl HostShared {
     pub(crate) fn new() -> Self {
-        let core = Arc::new(HostCore::new());
+        let core = Arc::new(Store::new());
         let shards = (0..shard_count())
             // Each shard starts with one handle: the host's (see `Drop`).
-            .map(|_| ChannelShared::new(Arc::clone(&core), None))
+            .map(|_| ChannelShared::new(Arc::clone(&core), true))
             .collect();
         Self {
             handles: AtomicUsize::new(1),
             core,
-            table: ChannelTable::new(),
             shards,
         }
     }
@@ -66,8 +65,9 @@ impl HostShared {
         }
     }
 
-    /// Opens a channel (R4: a channel that slipped in beside an abort holds
-    /// no call yet, and its `begin` re-checks the host state).
+    /// Opens a channel. It enters the host's table only with its first call
+    /// (`ChannelShared::enter_table`): an abort has nothing to sweep in a
+    /// channel without calls, and a `begin` re-checks the host state (R4).
     pub(crate) fn open_channel(&self) -> Result<Arc<ChannelShared>, Error> {
         let core = &self.core;
         // Ordering: Acquire, an early refusal only; the SeqCst re-check
@@ -76,10 +76,9 @@ impl HostShared {
             core.count_refused(e);
             return Err(e);
         }
-        let entry = self.table.reserve();
-        let shared = ChannelShared::new(Arc::clone(core), Some(entry));
-        shared.publish_in_table();
-        crate::sync::dekker_fence();
+        let shared = ChannelShared::new(Arc::clone(core), false);
+        // A channel opened while an abort or close began is refused now
+        // rather than at its first call.
         if let Err(e) = core.check_accepting(Ordering::SeqCst) {
             core.count_refused(e);
             // The caller never sees the handle: dropping it disposes.
@@ -98,7 +97,7 @@ impl HostShared {
     /// runs. (Orphaned channels are disposed of by their last handle or
     /// their last call's freer, never by this walk.)
     fn for_each_channel(&self, mut f: impl FnMut(&Arc<ChannelShared>)) {
-        self.table.for_each(&mut f);
+        self.core.table.for_each(&mut f);
         self.shards.iter().for_each(f);
     }
 
@@ -110,14 +109,11 @@ impl HostShared {
 
     pub(crate) fn stats(&self) -> HostStats {
         let (refused, refused_channel_faulted, cancelled) = self.core.counts();
-        let mut channels = 0;
-        self.table
-            .for_each(|ch| channels += usize::from(!ch.is_disposed()));
         HostStats {
             in_flight: self.in_flight(),
             refused,
             refused_channel_faulted,
-            channels,
+            channels: self.core.channels(),
             cancelled,
         }
     }

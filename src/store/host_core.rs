@@ -59,6 +59,9 @@ struct CounterStripe {
     refused: AtomicU64,
     /// Of `refused`: `begin_call`s refused because their channel was faulted.
     refused_faulted: AtomicU64,
+    /// Channels opened minus channels disposed of, on this stripe (wraps
+    /// below zero when another stripe counted the opening).
+    channels: AtomicU64,
 }
 
 /// The parked async idle waiters.
@@ -162,6 +165,27 @@ impl HostCore {
             // Ordering: Relaxed, as above.
             stripe.refused_faulted.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// A channel was opened (`+1`) or disposed of (`-1`).
+    pub(crate) fn count_channel(&self, opened: bool) {
+        let stripe = &self.stripe().channels;
+        // Ordering: Relaxed, as above.
+        if opened {
+            stripe.fetch_add(1, Ordering::Relaxed);
+        } else {
+            stripe.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Channels opened and not yet disposed of (a snapshot; a transient
+    /// reads as zero, never below).
+    pub(crate) fn channels(&self) -> usize {
+        let sum = self.counters.iter().fold(0u64, |sum, stripe| {
+            // Ordering: Relaxed, as above.
+            sum.wrapping_add(stripe.0.channels.load(Ordering::Relaxed))
+        });
+        usize::try_from(sum as i64).unwrap_or(0)
     }
 
     /// Sums the stripes: (refused, of those for a faulted channel,

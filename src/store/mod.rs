@@ -4,6 +4,7 @@
 //! deadline timer (a sharded hashed wheel, generic over its entries).
 
 pub(crate) mod host_core;
+pub(crate) mod host_store;
 pub(crate) mod overflow;
 pub(crate) mod segment;
 pub(crate) mod slab;

@@ -594,13 +594,24 @@ impl Slab {
         Some(unsafe { core::slice::from_raw_parts(p, segment_len(k)) })
     }
 
+    /// Segment 0, allocating the first block if needed, with the bound
+    /// raised to cover it. Needs no walk: segment 0 lives as long as the
+    /// slab.
+    fn first_segment(&self) -> &[CallSlot] {
+        let block = self.dir_or_init();
+        self.cover(0);
+        &block.slots
+    }
+
     /// Segment `k`, allocating and publishing it if needed, with the bound
-    /// raised to cover it: the caller may claim its slots.
-    fn grow(&self, k: usize) -> &[CallSlot] {
+    /// raised to cover it: the caller may claim its slots. For `k >= 1` the
+    /// caller holds a counted walk (`_walk`): the segment may be retired
+    /// (and unpublished) right after it is published, and its memory then
+    /// lives until the walk ends; its slots are `RETIRED`, so claims there
+    /// fail and the caller moves on.
+    fn grow<'a>(&'a self, _walk: &Walk<'a>, k: usize) -> &'a [CallSlot] {
         if k == 0 {
-            let block = self.dir_or_init();
-            self.cover(0);
-            return &block.slots;
+            return self.first_segment();
         }
         if let Some(seg) = self.segment(k, Ordering::Acquire) {
             self.cover(k);
@@ -612,19 +623,29 @@ impl Slab {
         let fresh = alloc_segment(k, gen);
         // Ordering: SeqCst (release part: publishes the initialised slots;
         // SeqCst part: see `segment`).
-        if let Err(_winner) = self.dir_or_init().segments[k].compare_exchange(
+        let published = match self.dir_or_init().segments[k].compare_exchange(
             ptr::null_mut(),
             fresh.as_ptr(),
             Ordering::SeqCst,
             Ordering::Acquire,
         ) {
-            // SAFETY: `fresh` came from `alloc_segment(k, ..)` just
-            // above and was never published.
-            unsafe { free_segment(fresh, k) };
-        }
+            Ok(_) => fresh.as_ptr(),
+            Err(winner) => {
+                // SAFETY: `fresh` came from `alloc_segment(k, ..)` just
+                // above and was never published.
+                unsafe { free_segment(fresh, k) };
+                winner
+            }
+        };
         self.cover(k);
-        self.segment(k, Ordering::Acquire)
-            .expect("segment was just published")
+        #[cfg(all(test, not(loom)))]
+        tests::after_grow(self);
+        // Not a reload: a census may have retired and unpublished the
+        // segment already (review finding: the reload then found nothing).
+        // SAFETY: `published` is a segment of `segment_len(k)` initialised
+        // slots that was published after the caller's walk began, so it is
+        // freed (if retired) only after that walk ends, after our use.
+        unsafe { core::slice::from_raw_parts(published, segment_len(k)) }
     }
 
     /// Slot `index`, if its segment is published. Callers hold a walk.
@@ -663,7 +684,7 @@ impl Slab {
         // where to start; `try_occupy` decides.
         let hint = self.hint.load(Ordering::Relaxed);
         if hint < BASE {
-            let seg0 = self.grow(0);
+            let seg0 = self.first_segment();
             for index in (hint..BASE).chain(0..hint) {
                 if seg0[index].state.try_occupy().is_some() {
                     if index != hint {
@@ -692,7 +713,7 @@ impl Slab {
         // Every published slot was taken: publish more segments (and fill
         // any segment given back meanwhile), in order.
         for k in 0..SEGMENTS {
-            let seg = self.grow(k);
+            let seg = self.grow(&walk, k);
             if let Some((off, slot)) = seg
                 .iter()
                 .enumerate()
@@ -980,36 +1001,58 @@ pub(crate) struct Census {
     pub(crate) occupied: usize,
 }
 
+/// A read of a word only `Drop` can reach (`&mut self`): a plain load,
+/// ordered after every other user by the last `Arc` drop's acquire fence.
+/// Under loom an RMW: loom does not see std's `Arc` fence, and would let a
+/// plain load read a value another thread has since replaced (review
+/// finding: a retired segment then freed twice in a model).
+fn exclusive_usize(a: &AtomicUsize) -> usize {
+    if cfg!(loom) {
+        a.fetch_add(0, Ordering::Acquire)
+    } else {
+        // Ordering: Relaxed, see above.
+        a.load(Ordering::Relaxed)
+    }
+}
+
+/// As [`exclusive_usize`] for a pointer (under loom it is swapped out: the
+/// slab is being dropped, nobody reads it again).
+fn exclusive_ptr<T>(a: &AtomicPtr<T>) -> *mut T {
+    if cfg!(loom) {
+        a.swap(ptr::null_mut(), Ordering::Acquire)
+    } else {
+        // Ordering: Relaxed, see `exclusive_usize`.
+        a.load(Ordering::Relaxed)
+    }
+}
+
 impl Drop for Slab {
     fn drop(&mut self) {
-        // `&mut self`: no walk is in progress, and every load below may be
-        // Relaxed (plain: no RMW is needed to read what only we can reach).
-        // Ordering: Relaxed; `&mut self` orders us after every user.
-        if self.retired_count.load(Ordering::Relaxed) != 0 {
+        // `&mut self`: no walk is in progress, and every read below is a
+        // plain load (`exclusive_usize`).
+        if exclusive_usize(&self.retired_count) != 0 {
             for (k, p) in core::mem::take(&mut *lock(&self.retired)) {
                 // SAFETY: as in `free_retired`.
                 unsafe { free_segment(p.0, k) };
             }
         }
-        // Ordering: Relaxed, as above.
-        let Some(mut block) = NonNull::new(self.dir.load(Ordering::Relaxed)) else {
+        let Some(mut block) = NonNull::new(exclusive_ptr(&self.dir)) else {
             return;
         };
         // Every published segment is below the bound: a retirer lowers it
         // only after marking the segment's slots `RETIRED`, and before
         // unpublishing it (always successfully: nobody else can replace a
         // published pointer), and every grower raises it.
-        // Ordering: Relaxed, as above.
-        let bound = self.segments.load(Ordering::Relaxed).min(SEGMENTS);
+        let bound = exclusive_usize(&self.segments).min(SEGMENTS);
         // SAFETY: published by `dir_or_init`; `&mut self`: nobody else
         // reaches the block any more.
         let first = unsafe { block.as_mut() };
+        #[cfg(not(loom))]
         debug_assert!(first.segments[bound.max(1)..]
             .iter()
             .all(|p| p.load(Ordering::Relaxed).is_null()));
         for (k, seg) in first.segments.iter().enumerate().take(bound).skip(1) {
-            // Ordering: Relaxed, as above.
-            if let Some(p) = NonNull::new(seg.load(Ordering::Relaxed)) {
+            if let Some(p) = NonNull::new(exclusive_ptr(seg)) {
                 // SAFETY: published by `grow` from `alloc_segment(k, ..)`,
                 // and `&mut self`: no other user.
                 unsafe { free_segment(p, k) };
@@ -1030,6 +1073,59 @@ impl Drop for Slab {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
+    use std::cell::RefCell;
+
+    type Hook = Box<dyn FnMut(&Slab)>;
+
+    std::thread_local! {
+        /// Runs in `grow` right after a segment above the first was
+        /// published and covered (a test's window for a racing census).
+        static AFTER_GROW: RefCell<Option<Hook>> = RefCell::new(None);
+    }
+
+    pub(super) fn after_grow(slab: &Slab) {
+        let hook = AFTER_GROW.with(|h| h.borrow_mut().take());
+        if let Some(mut hook) = hook {
+            hook(slab);
+        }
+    }
+
+    fn finish(slab: &Slab, p: NonNull<CallSlot>) {
+        // SAFETY: the slab is alive and the slot is ours.
+        let slot = unsafe { p.as_ref() };
+        let crate::state::Completion::OwnerFrees { prev } = slot.state.complete() else {
+            panic!("nothing claimed")
+        };
+        let _ = slot.state.release(prev.with_completed());
+        slab.note_released(slot);
+    }
+
+    /// Review finding: a census retires a segment between its growth and
+    /// the claim in it. The claimer used to reload the segment pointer and
+    /// panic ("segment was just published"); it now claims elsewhere.
+    #[test]
+    fn a_segment_retired_right_after_its_growth_is_skipped() {
+        let slab = Slab::new();
+        let seg0: Vec<_> = (0..BASE).map(|_| slab.claim()).collect();
+        let seg0_addrs: Vec<usize> = seg0.iter().map(|p| p.as_ptr() as usize).collect();
+        AFTER_GROW.with(|h| {
+            *h.borrow_mut() = Some(Box::new(move |slab: &Slab| {
+                // Segment 0's calls complete, and a census finds the new
+                // segment 1 entirely free: it retires it.
+                for &a in &seg0_addrs {
+                    finish(slab, NonNull::new(a as *mut CallSlot).unwrap());
+                }
+                assert_eq!(slab.census().occupied, 0);
+            }))
+        });
+        let p = slab.claim();
+        // SAFETY: the slab is alive and the slot is ours.
+        let slot = unsafe { p.as_ref() };
+        assert!(slot.state.load(Ordering::Relaxed).is_occupied());
+        assert_eq!(slab.census().occupied, 1);
+        finish(&slab, p);
+        assert_eq!(slab.census().occupied, 0);
+    }
 
     #[test]
     fn locate_maps_indices_onto_doubling_segments() {
@@ -1081,15 +1177,6 @@ mod tests {
     /// next slab of this thread, whose slots continue their generations.
     #[test]
     fn a_dropped_slab_leaves_its_first_block_to_the_next() {
-        let finish = |slab: &Slab, p: NonNull<CallSlot>| {
-            // SAFETY: the slab is alive and the slot is ours.
-            let slot = unsafe { p.as_ref() };
-            let crate::state::Completion::OwnerFrees { prev } = slot.state.complete() else {
-                panic!("nothing claimed")
-            };
-            let _ = slot.state.release(prev.with_completed());
-            slab.note_released(slot);
-        };
         let free_spare = || {
             if let Some(block) = spare::take() {
                 // SAFETY: a spare came from `alloc_array(1, ..)`; taken, ours.

@@ -2,8 +2,12 @@
 //!
 //! The host reaches its channels through an `ArcSwap` snapshot of a list of
 //! fixed-size chunks; each chunk entry is an atomic pointer holding a
-//! `Weak<T>` turned raw. Opening a channel CASes an empty entry;
-//! only appending a chunk (every `CHUNK` channels) replaces the snapshot.
+//! `Weak<T>` turned raw. A channel's first call CASes an empty entry
+//! (reserved), then publishes the channel's weak reference in it (a CAS
+//! from reserved, so racing first calls publish once: `engine/channel.rs`
+//! `enter_table`); a channel that never runs a call never touches the
+//! table. Only appending a chunk (every `CHUNK` channels) or compacting
+//! replaces the snapshot.
 //! Dropping a channel (its last handle and last call gone) clears its entry
 //! and hands the table's weak reference to **crossbeam-epoch** (`defer`):
 //! a sweeper that loaded the raw pointer inside a pinned epoch may still
@@ -29,7 +33,9 @@ const CHUNK: usize = 64;
 const CHUNK: usize = 2;
 
 /// A fixed block of channel-table entries. Each entry is null, [`reserved`],
-/// or a `Weak<T>` made raw by `Weak::into_raw`.
+/// or a `Weak<T>` made raw by `Weak::into_raw`. Aligned so that a
+/// [`TableEntry`] packs its chunk's address and its index into one word.
+#[repr(align(64))]
 pub(crate) struct TableChunk<T> {
     entries: [AtomicPtr<T>; CHUNK],
     /// Entries reserved or published, plus reservers at work in this chunk;
@@ -91,36 +97,101 @@ impl<T> TableChunk<T> {
     }
 }
 
-/// Where a channel sits in the host's table; dropping the channel clears it.
-pub(crate) struct TableEntry<T: Send + Sync + 'static> {
-    chunk: Arc<TableChunk<T>>,
+/// Where a channel sits in the host's table: a chunk and an index, packed
+/// into one word ([`TableEntry::pack`]) so that a channel can take its entry
+/// with one CAS (`engine/channel.rs`).
+///
+/// No reference count on the chunk (it would be a line shared by the
+/// chunk's 64 channels): a reserved or published entry keeps its chunk's
+/// `live` count above zero, so compaction never removes the chunk from the
+/// table, and the holder keeps the table alive (a channel holds its host's
+/// store). Hence the `unsafe` methods: their contract is that one.
+pub(crate) struct TableEntry<T> {
+    chunk: NonNull<TableChunk<T>>,
     index: usize,
 }
 
+impl<T> Clone for TableEntry<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for TableEntry<T> {}
+
 impl<T: Send + Sync + 'static> TableEntry<T> {
-    /// Stores the channel's weak reference in its reserved entry.
-    pub(crate) fn publish(&self, channel: &Arc<T>) {
+    /// The entry as one non-zero word.
+    pub(crate) fn pack(self) -> usize {
+        const { assert!(CHUNK <= core::mem::align_of::<TableChunk<()>>()) };
+        self.chunk.as_ptr() as usize | self.index
+    }
+
+    /// The entry `pack` made, or `None` for 0.
+    ///
+    /// # Safety
+    /// `word` is 0 or came from [`TableEntry::pack`].
+    pub(crate) unsafe fn unpack(word: usize) -> Option<Self> {
+        let align = core::mem::align_of::<TableChunk<T>>();
+        let chunk = NonNull::new((word & !(align - 1)) as *mut TableChunk<T>)?;
+        Some(Self {
+            chunk,
+            index: word & (align - 1),
+        })
+    }
+
+    /// # Safety
+    /// See the type's docs: the entry is reserved or published (not
+    /// retired), and its table is alive.
+    unsafe fn chunk(&self) -> &TableChunk<T> {
+        // SAFETY: per the contract the chunk is still in the live table.
+        unsafe { self.chunk.as_ref() }
+    }
+
+    /// Stores the channel's weak reference in its reserved entry, unless
+    /// somebody did already (two first calls of a channel racing): `false`
+    /// then. Wait-free.
+    ///
+    /// # Safety
+    /// As [`TableEntry::chunk`].
+    pub(crate) unsafe fn publish_once(&self, channel: &Arc<T>) -> bool {
         let raw = Weak::into_raw(Arc::downgrade(channel)).cast_mut();
+        // SAFETY: per our contract.
+        let entry = &unsafe { self.chunk() }.entries[self.index];
         // Ordering: SeqCst. Its release part lets a sweeper's load see an
-        // initialised pointer; as a SeqCst write it precedes `open_channel`'s
-        // SeqCst re-check of the host state, so a sweep that follows an abort
-        // in the SeqCst order finds every channel opened before it (R4).
-        let prev = self.chunk.entries[self.index].swap(raw, Ordering::SeqCst);
-        debug_assert_eq!(prev, reserved::<T>());
+        // initialised pointer; as a SeqCst write it precedes the publisher's
+        // SeqCst claim and re-check of the host state (and, through the
+        // channel's `REGISTERED` bit, every other first call's), so a sweep
+        // that follows an abort in the SeqCst order finds every channel with
+        // a call that slipped past it (R4).
+        match entry.compare_exchange(reserved::<T>(), raw, Ordering::SeqCst, Ordering::SeqCst) {
+            Ok(_) => true,
+            Err(_published) => {
+                // SAFETY: from `Weak::into_raw` just above, never shared.
+                drop(unsafe { Weak::from_raw(raw) });
+                false
+            }
+        }
     }
 
     /// Clears the entry and retires the table's weak reference through the
-    /// epoch (see the module docs). Called when the stored value drops.
-    pub(crate) fn retire(&self) {
-        let raw = self.chunk.entries[self.index].swap(ptr::null_mut(), Ordering::AcqRel);
+    /// epoch (see the module docs). Called when the stored value drops, or
+    /// by a first call that lost the race to give its channel an entry (a
+    /// reserved entry: nothing to defer).
+    ///
+    /// # Safety
+    /// As [`TableEntry::chunk`]; called once per reservation.
+    pub(crate) unsafe fn retire(&self) {
+        // SAFETY: per our contract.
+        let chunk = unsafe { self.chunk() };
+        let raw = chunk.entries[self.index].swap(ptr::null_mut(), Ordering::AcqRel);
         if raw.is_null() {
             return;
         }
-        self.chunk.leave();
+        chunk.leave();
         if raw == reserved::<T>() {
             return;
         }
-        // SAFETY: `raw` came from `Weak::into_raw` in `publish`, and the swap
+        // SAFETY: `raw` came from `Weak::into_raw` in `publish_once`, and the swap
         // above removed it from the table, so this is its only owner.
         let weak = unsafe { Weak::from_raw(raw) };
         let guard = epoch::pin();
@@ -178,7 +249,7 @@ impl<T: Send + Sync + 'static> ChannelTable<T> {
                             self.cursor.store(pos, Ordering::Relaxed);
                         }
                         return TableEntry {
-                            chunk: Arc::clone(chunk),
+                            chunk: NonNull::from(&**chunk),
                             index,
                         };
                     }
@@ -282,38 +353,45 @@ mod tests {
     fn the_table_gives_its_tail_back_after_a_burst() {
         let table = ChannelTable::<u64>::new();
         let values: Vec<_> = (0..20 * CHUNK as u64).map(Arc::new).collect();
-        let entries: Vec<_> = values
-            .iter()
-            .map(|v| {
-                let e = table.reserve();
-                e.publish(v);
-                e
-            })
-            .collect();
+        let publish = |v: &Arc<u64>| {
+            let e = table.reserve();
+            // SAFETY: reserved just now; `table` outlives the entries.
+            assert!(unsafe { e.publish_once(v) });
+            // SAFETY: as above: published already, so a second try fails.
+            assert!(!unsafe { e.publish_once(v) });
+            e
+        };
+        let entries: Vec<_> = values.iter().map(publish).collect();
         assert_eq!(table.chunk_count(), 20);
         let mut seen = 0;
         table.for_each(|_| seen += 1);
         assert_eq!(seen, 20 * CHUNK);
         // Keep the first channel, drop the rest.
         for e in &entries[1..] {
-            e.retire();
+            // SAFETY: published, retired once.
+            unsafe { e.retire() };
         }
         let mut seen = 0;
         table.for_each(|_| seen += 1); // skips the empty chunks, compacts
         assert_eq!(seen, 1);
         assert_eq!(table.chunk_count(), 1, "the empty tail was given back");
-        // The table still works: new reservations, in old or new chunks.
-        let more: Vec<_> = (0..3 * CHUNK as u64)
+        // The table still works: new reservations, in old or new chunks,
+        // and an entry survives packing.
+        let more: Vec<_> = (0..3 * CHUNK)
             .map(|i| {
-                let e = table.reserve();
-                e.publish(&values[i as usize]);
-                e
+                let e = publish(&values[i]);
+                // SAFETY: packed just now.
+                let back = unsafe { TableEntry::<u64>::unpack(e.pack()) }.unwrap();
+                assert_eq!((back.chunk, back.index), (e.chunk, e.index));
+                back
             })
             .collect();
         let mut seen = 0;
         table.for_each(|_| seen += 1);
         assert_eq!(seen, 1 + 3 * CHUNK);
-        drop(more);
-        drop(entries);
+        for e in more.iter().chain(&entries[..1]) {
+            // SAFETY: published, retired once.
+            unsafe { e.retire() };
+        }
     }
 }
