@@ -104,7 +104,7 @@ def tables(rows):
     groups = sorted({g for g, _, _ in rows}, key=lambda g: (g not in GROUP_ORDER, GROUP_ORDER.index(g) if g in GROUP_ORDER else 0, g))
     for group in groups:
         keys = [k for k in rows if k[0] == group]
-        keys.sort(key=lambda k: (param_key(k[2]), not k[1].startswith("callcancel"), k[1]))
+        keys.sort(key=lambda k: (param_key(k[2]), not (k[1] or "").startswith("callcancel"), k[1] or ""))
         out.append(f"### {group}\n")
         out.append("| bench | param | median | 95% CI of median | per call | vs callcancel |")
         out.append("|---|---|---|---|---|---|")
@@ -334,7 +334,7 @@ def memory_rows(root):
     before_after("live bytes", "b1_live", fmt_bytes, b1)
     before_after("`channel.in_flight()`", "b1_channel_in_flight_ns", fmt_time, b1)
     before_after("`host.in_flight()`", "b1_host_in_flight_ns", fmt_time, b1)
-    before_after("`fault()` of the burst channel (before: a fresh channel)", "b1_fault_own_ns", fmt_time, b1)
+    before_after("`fault()` of the burst channel (before: a channel that ran one call)", "b1_fault_own_ns", fmt_time, b1)
     n2 = m.get("b2_channels")
     b2 = f"burst 2 ({n2:.0f} channels opened, dropped)" if n2 else "burst 2"
     before_after("live bytes", "b2_live", fmt_bytes, b2)

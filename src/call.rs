@@ -300,7 +300,7 @@ impl Call {
     }
 
     /// Begins a call on `channel` (delegates to the engine's `begin`).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn begin(channel: &ChannelShared) -> Result<Self, crate::Error> {
         let slot = channel.begin()?;
         Ok(Self::new(channel, slot))

@@ -1240,6 +1240,7 @@ mod tests {
         }
         assert_eq!(slab.census().occupied, 0);
         assert_eq!(slab.published_segments(), 1, "only segment 0 is kept");
+        assert_eq!(slab.segment_bound(), 1, "scans are back to segment 0");
         assert_eq!(
             slab.retired_count.load(Ordering::SeqCst),
             0,
