@@ -113,32 +113,28 @@ fn time_ns(mut f: impl FnMut()) -> f64 {
 
 /// Median time of `fault()` of a fresh idle channel of `host`, in ns (each
 /// fault is once: a new channel per sample, opened and dropped untimed).
+/// Median of 101 single `fault()`s of fresh channels.
+fn fault_fresh_ns(host: &ServiceHost) -> f64 {
+    median_fault_ns(host, false)
+}
+
 /// Median of 101 single `fault()`s of channels that each ran one call and
 /// are idle again (the state of the burst channel after its burst, without
 /// the burst): the "before" of the burst channel's own fault.
 fn fault_used_ns(host: &ServiceHost) -> f64 {
-    let mut samples: Vec<f64> = (0..101)
-        .map(|_| {
-            let channel = host.open_channel().unwrap();
-            channel.begin_call().unwrap().complete();
-            // As for the burst channel below: a census first (the fault's
-            // lines warm, as in a server that polls `in_flight`).
-            black_box(channel.in_flight());
-            let t = Instant::now();
-            channel.fault();
-            let ns = t.elapsed().as_nanos() as f64;
-            drop(channel);
-            ns
-        })
-        .collect();
-    samples.sort_by(f64::total_cmp);
-    samples[samples.len() / 2]
+    median_fault_ns(host, true)
 }
 
-fn fault_fresh_ns(host: &ServiceHost) -> f64 {
+fn median_fault_ns(host: &ServiceHost, used: bool) -> f64 {
     let mut samples: Vec<f64> = (0..101)
         .map(|_| {
             let channel = host.open_channel().unwrap();
+            if used {
+                channel.begin_call().unwrap().complete();
+                // As for the burst channel below: a census first (the
+                // fault's lines warm, as in a server that polls `in_flight`).
+                black_box(channel.in_flight());
+            }
             let t = Instant::now();
             channel.fault();
             let ns = t.elapsed().as_nanos() as f64;
