@@ -23,11 +23,12 @@
 //!   loom explores the real epoch code; a plain `--cfg loom` build treats it
 //!   as a black box.
 //! * **Seen through a stand-in:** `arc_swap` (the host channel-table
-//!   snapshot, written only when the table grows or compacts) is a loom
-//!   `Mutex` around an `Arc` under loom ([`ArcSwap`]): linearizable like
-//!   arc-swap, and loom sees a chunk appended by a channel's first call
-//!   happen before another thread reads it. arc-swap's own miri/TSan
-//!   coverage stands for its internals.
+//!   snapshot, written only when the table grows or compacts) is, under
+//!   loom, a `SeqCst` loom atomic pointer to the current snapshot with
+//!   writers serialised on a loom mutex ([`ArcSwap`]): loom sees a chunk
+//!   appended by a channel's first call happen before another thread's
+//!   walk reads it, and readers do not synchronise with each other (as with
+//!   arc-swap). arc-swap's own miri/TSan coverage stands for its internals.
 //! * `Arc`/`Weak` stay std's: loom's `Arc` has no `Weak`. Where the last
 //!   `Arc` drop is the only synchronisation loom would need to see, a
 //!   loom-only acquire RMW stands in (`CallState::sync_before_drop`).
@@ -81,17 +82,27 @@ pub(crate) use crate::loom_waker::AtomicWaker;
 pub(crate) use arc_swap::ArcSwap;
 
 /// Under loom, a stand-in for the channel-table snapshot with the API the
-/// table uses: a loom `Mutex` around the current `Arc`, so that loom sees a
-/// chunk appended by one thread (a channel's first call) happen before
-/// another thread's walk reads its entries (arc-swap, unmodelled, would
-/// hide that edge). Linearizable like arc-swap; a lock only in the model.
+/// table uses. Readers load the current snapshot with a `SeqCst` loom
+/// atomic (arc-swap's loads are `SeqCst` loads too), so loom sees a chunk
+/// appended by one thread (a channel's first call) happen before another
+/// thread's walk reads its entries, and no more: readers do not
+/// synchronise with each other. Writers serialise on a loom mutex (as
+/// arc-swap's `rcu` does through its CAS loop) and keep every snapshot
+/// alive until the stand-in drops, so a loaded pointer stays valid.
 #[cfg(loom)]
-pub(crate) struct ArcSwap<T>(loom::sync::Mutex<Arc<T>>);
+pub(crate) struct ArcSwap<T> {
+    current: AtomicPtr<T>,
+    all: Mutex<Vec<Arc<T>>>,
+}
 
 #[cfg(loom)]
 impl<T> ArcSwap<T> {
     pub(crate) fn from_pointee(value: T) -> Self {
-        Self(loom::sync::Mutex::new(Arc::new(value)))
+        let first = Arc::new(value);
+        Self {
+            current: AtomicPtr::new(Arc::as_ptr(&first).cast_mut()),
+            all: Mutex::new(vec![first]),
+        }
     }
 
     pub(crate) fn load(&self) -> Arc<T> {
@@ -99,13 +110,20 @@ impl<T> ArcSwap<T> {
     }
 
     pub(crate) fn load_full(&self) -> Arc<T> {
-        Arc::clone(&lock(&self.0))
+        let p = self.current.load(Ordering::SeqCst);
+        // SAFETY: `p` is one of the snapshots `all` keeps alive until drop.
+        unsafe {
+            Arc::increment_strong_count(p);
+            Arc::from_raw(p)
+        }
     }
 
     pub(crate) fn rcu(&self, f: impl FnOnce(&Arc<T>) -> T) {
-        let mut cur = lock(&self.0);
-        let next = Arc::new(f(&cur));
-        *cur = next;
+        let mut all = lock(&self.all);
+        let next = Arc::new(f(&self.load_full()));
+        self.current
+            .store(Arc::as_ptr(&next).cast_mut(), Ordering::SeqCst);
+        all.push(next);
     }
 }
 
@@ -143,6 +161,31 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     match m.lock() {
         Ok(g) => g,
         Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+/// A read of a word only `Drop` can reach (`&mut self`): a plain load,
+/// ordered after every other user by the last `Arc` drop's acquire fence.
+/// Under loom an RMW: loom does not see std's `Arc` fence, and would let a
+/// plain load read a value another thread has since replaced (review
+/// finding: a retired segment then freed twice in a model of `Slab::drop`).
+pub(crate) fn exclusive_usize(a: &AtomicUsize) -> usize {
+    if cfg!(loom) {
+        a.fetch_add(0, Ordering::Acquire)
+    } else {
+        // Ordering: Relaxed, see above.
+        a.load(Ordering::Relaxed)
+    }
+}
+
+/// As [`exclusive_usize`] for a pointer (under loom it is swapped out for
+/// null: the caller is dropping its owner, nobody reads it again).
+pub(crate) fn exclusive_ptr<T>(a: &AtomicPtr<T>) -> *mut T {
+    if cfg!(loom) {
+        a.swap(core::ptr::null_mut(), Ordering::Acquire)
+    } else {
+        // Ordering: Relaxed, see `exclusive_usize`.
+        a.load(Ordering::Relaxed)
     }
 }
 

@@ -37,11 +37,14 @@ use crate::store::host_core::UserCode;
 use crate::store::host_store::HostStore;
 use crate::store::overflow::Overflow;
 use crate::store::slab::Slab;
-use crate::store::table::TableEntry;
-use crate::sync::{Arc, AtomicPtr, AtomicU8, AtomicUsize, Ordering};
+use crate::store::table::{TableChunk, TableEntry};
+use crate::sync::{exclusive_ptr, Arc, AtomicPtr, AtomicU8, AtomicUsize, Ordering};
 
 /// A host's core and channel table, as its channels see it.
 pub(crate) type Store = HostStore<ChannelShared>;
+
+/// `ChannelShared::stripe` of a shard (not counted as a channel).
+const NOT_COUNTED: u8 = u8::MAX;
 
 /// `ChannelShared::flags`: the channel was faulted.
 const FAULTED: u8 = 1;
@@ -69,20 +72,23 @@ pub(crate) struct ChannelShared {
     pub(crate) host: Arc<Store>,
     /// Secondary waiters of this channel's calls (slow path).
     pub(crate) overflow: Overflow,
-    /// This channel's entry in its host's table (`TableEntry::pack`), 0
+    /// This channel's entry in its host's table (`TableEntry::pack`), null
     /// until its first call takes one (`enter_table`); never for a shard.
-    entry: AtomicUsize,
-    /// Counted in the host's open channels (not a shard).
-    counted: bool,
+    entry: AtomicPtr<TableChunk<ChannelShared>>,
+    /// The host counter stripe this channel is counted on
+    /// (`HostCore::count_channel_opened`); `NOT_COUNTED` for a shard.
+    stripe: u8,
 }
 
 impl ChannelShared {
     /// A new channel with one handle (the caller's); a host-scope shard if
     /// `shard` (never in the table, not counted as a channel).
     pub(crate) fn new(host: Arc<Store>, shard: bool) -> Arc<Self> {
-        if !shard {
-            host.count_channel(true);
-        }
+        let stripe = if shard {
+            NOT_COUNTED
+        } else {
+            host.count_channel_opened()
+        };
         let channel = Arc::new(Self {
             slab: Slab::new(),
             handles: AtomicUsize::new(1),
@@ -90,8 +96,8 @@ impl ChannelShared {
             flags: AtomicU8::new(if shard { REGISTERED } else { 0 }),
             host,
             overflow: Overflow::default(),
-            entry: AtomicUsize::new(0),
-            counted: !shard,
+            entry: AtomicPtr::new(ptr::null_mut()),
+            stripe,
         });
         let raw = Arc::into_raw(Arc::clone(&channel)).cast_mut();
         // Ordering: Release; the handle returned here carries it to other
@@ -200,8 +206,8 @@ impl ChannelShared {
         // reference, and orders every freer's release before the drop.
         let raw = self.keepalive.swap(ptr::null_mut(), Ordering::AcqRel);
         if !raw.is_null() {
-            if self.counted {
-                self.host.count_channel(false);
+            if self.stripe != NOT_COUNTED {
+                self.host.count_channel_disposed(self.stripe);
             }
             // SAFETY: `raw` came from `Arc::into_raw` in `new`; the swap made
             // us its only owner. The caller's own reference keeps `self`
@@ -212,7 +218,8 @@ impl ChannelShared {
 
     /// Publishes the channel in its host's table, for its first call (a
     /// channel that never runs a call never touches the table: W3). Racing
-    /// first calls on other threads do the same, wait-free: each may
+    /// first calls on other threads do the same, none waiting for another
+    /// (lock-free: a reservation may retry its CASes): each may
     /// reserve an entry, one CAS makes one of them the channel's (the others
     /// give theirs back), and each then tries to publish the channel there
     /// (`TableEntry::publish_once`: the first wins, the rest see it done).
@@ -226,21 +233,23 @@ impl ChannelShared {
         // Ordering: Acquire pairs with the AcqRel CAS below (another first
         // call's entry).
         let mut word = self.entry.load(Ordering::Acquire);
-        if word == 0 {
+        if word.is_null() {
             let mine = table.reserve().pack();
             // Ordering: AcqRel: publishes our reservation to the other first
             // calls, or reads theirs.
-            match self
-                .entry
-                .compare_exchange(0, mine, Ordering::AcqRel, Ordering::Acquire)
-            {
+            match self.entry.compare_exchange(
+                ptr::null_mut(),
+                mine,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
                 Ok(_) => word = mine,
                 Err(theirs) => {
                     // SAFETY: reserved just now from our host's table (alive:
                     // `self.host`), never published, given back once.
                     unsafe {
                         TableEntry::<ChannelShared>::unpack(mine)
-                            .expect("a packed entry is non-zero")
+                            .expect("a packed entry is non-null")
                             .retire();
                     }
                     word = theirs;
@@ -250,7 +259,7 @@ impl ChannelShared {
         // SAFETY: packed by a first call of this channel from our host's
         // table; retired only by our `Drop`.
         let entry = unsafe { TableEntry::<ChannelShared>::unpack(word) }
-            .expect("a packed entry is non-zero");
+            .expect("a packed entry is non-null");
         // The channel's `Arc`, from the keepalive (held: the caller holds a
         // handle), borrowed for the weak reference: no count changes.
         // SAFETY: the keepalive pointer came from `Arc::into_raw`; the
@@ -829,9 +838,10 @@ pub(crate) fn slot_key(slot: &CallSlot) -> usize {
 
 impl Drop for ChannelShared {
     fn drop(&mut self) {
-        // Ordering: Relaxed; `&mut self` orders us after every other user.
-        let word = self.entry.load(Ordering::Relaxed);
-        // SAFETY: a non-zero word was packed by `enter_table` from an entry of
+        // A plain load (`&mut self` orders us after every other user); an
+        // RMW under loom, which does not see std's `Arc` fence.
+        let word = exclusive_ptr(&self.entry);
+        // SAFETY: a non-null word was packed by `enter_table` from an entry of
         // our host's table, which `self.host` still keeps alive; retired
         // once, here.
         if let Some(entry) = unsafe { TableEntry::<ChannelShared>::unpack(word) } {

@@ -59,8 +59,8 @@ struct CounterStripe {
     refused: AtomicU64,
     /// Of `refused`: `begin_call`s refused because their channel was faulted.
     refused_faulted: AtomicU64,
-    /// Channels opened minus channels disposed of, on this stripe (wraps
-    /// below zero when another stripe counted the opening).
+    /// Channels opened on this stripe minus those of them disposed of (a
+    /// channel is disposed of on its opening stripe, so never below zero).
     channels: AtomicU64,
 }
 
@@ -167,25 +167,41 @@ impl HostCore {
         }
     }
 
-    /// A channel was opened (`+1`) or disposed of (`-1`).
-    pub(crate) fn count_channel(&self, opened: bool) {
-        let stripe = &self.stripe().channels;
-        // Ordering: Relaxed, as above.
-        if opened {
-            stripe.fetch_add(1, Ordering::Relaxed);
-        } else {
-            stripe.fetch_sub(1, Ordering::Relaxed);
-        }
+    /// A channel was opened: counted on this thread's stripe, whose index
+    /// the channel keeps for [`HostCore::count_channel_disposed`].
+    pub(crate) fn count_channel_opened(&self) -> u8 {
+        let index = thread_shard(STRIPES);
+        // Ordering: Relaxed, as above (the count's own modification order
+        // puts a channel's -1 after its +1: the opening happens before the
+        // disposal).
+        self.counters[index]
+            .0
+            .channels
+            .fetch_add(1, Ordering::Relaxed);
+        u8::try_from(index).expect("STRIPES fits a u8")
     }
 
-    /// Channels opened and not yet disposed of (a snapshot; a transient
-    /// reads as zero, never below).
+    /// A channel opened on stripe `stripe` was disposed of.
+    pub(crate) fn count_channel_disposed(&self, stripe: u8) {
+        // Ordering: Relaxed, as above.
+        self.counters[usize::from(stripe)]
+            .0
+            .channels
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Channels opened and not yet disposed of. Each stripe counts its own
+    /// channels, so a channel open during the whole read is always counted
+    /// (as a walk of the table would); one opened or disposed of meanwhile
+    /// may or may not be.
     pub(crate) fn channels(&self) -> usize {
-        let sum = self.counters.iter().fold(0u64, |sum, stripe| {
+        self.counters
+            .iter()
             // Ordering: Relaxed, as above.
-            sum.wrapping_add(stripe.0.channels.load(Ordering::Relaxed))
-        });
-        usize::try_from(sum as i64).unwrap_or(0)
+            .map(|stripe| stripe.0.channels.load(Ordering::Relaxed))
+            .sum::<u64>()
+            .try_into()
+            .unwrap_or(usize::MAX)
     }
 
     /// Sums the stripes: (refused, of those for a faulted channel,

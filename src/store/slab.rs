@@ -45,7 +45,9 @@ use core::ptr::{self, NonNull};
 
 use crate::slot::CallSlot;
 use crate::store::segment;
-use crate::sync::{lock, AtomicPtr, AtomicU64, AtomicUsize, Mutex, Ordering};
+use crate::sync::{
+    exclusive_ptr, exclusive_usize, lock, AtomicPtr, AtomicU64, AtomicUsize, Mutex, Ordering,
+};
 
 /// Slots in a slab's first segment.
 #[cfg(not(loom))]
@@ -999,31 +1001,6 @@ unsafe impl Sync for SlotRef {}
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Census {
     pub(crate) occupied: usize,
-}
-
-/// A read of a word only `Drop` can reach (`&mut self`): a plain load,
-/// ordered after every other user by the last `Arc` drop's acquire fence.
-/// Under loom an RMW: loom does not see std's `Arc` fence, and would let a
-/// plain load read a value another thread has since replaced (review
-/// finding: a retired segment then freed twice in a model).
-fn exclusive_usize(a: &AtomicUsize) -> usize {
-    if cfg!(loom) {
-        a.fetch_add(0, Ordering::Acquire)
-    } else {
-        // Ordering: Relaxed, see above.
-        a.load(Ordering::Relaxed)
-    }
-}
-
-/// As [`exclusive_usize`] for a pointer (under loom it is swapped out: the
-/// slab is being dropped, nobody reads it again).
-fn exclusive_ptr<T>(a: &AtomicPtr<T>) -> *mut T {
-    if cfg!(loom) {
-        a.swap(ptr::null_mut(), Ordering::Acquire)
-    } else {
-        // Ordering: Relaxed, see `exclusive_usize`.
-        a.load(Ordering::Relaxed)
-    }
 }
 
 impl Drop for Slab {

@@ -47,8 +47,8 @@ pub(crate) struct TableChunk<T> {
 /// `TableChunk::live` of a chunk removed by compaction.
 const CLOSED: usize = usize::MAX;
 
-/// Marks an entry taken by an `open_channel` that has not stored its channel
-/// yet. Never dereferenced.
+/// Marks an entry taken by a channel's first call that has not stored its
+/// channel yet. Never dereferenced.
 fn reserved<T>() -> *mut T {
     NonNull::<T>::dangling().as_ptr()
 }
@@ -98,8 +98,9 @@ impl<T> TableChunk<T> {
 }
 
 /// Where a channel sits in the host's table: a chunk and an index, packed
-/// into one word ([`TableEntry::pack`]) so that a channel can take its entry
-/// with one CAS (`engine/channel.rs`).
+/// into one tagged pointer ([`TableEntry::pack`]: the index in the chunk
+/// address's low bits, provenance kept) so that a channel can take its
+/// entry with one CAS (`engine/channel.rs`).
 ///
 /// No reference count on the chunk (it would be a line shared by the
 /// chunk's 64 channels): a reserved or published entry keeps its chunk's
@@ -120,22 +121,23 @@ impl<T> Clone for TableEntry<T> {
 impl<T> Copy for TableEntry<T> {}
 
 impl<T: Send + Sync + 'static> TableEntry<T> {
-    /// The entry as one non-zero word.
-    pub(crate) fn pack(self) -> usize {
+    /// The entry as one non-null tagged pointer.
+    pub(crate) fn pack(self) -> *mut TableChunk<T> {
         const { assert!(CHUNK <= core::mem::align_of::<TableChunk<()>>()) };
-        self.chunk.as_ptr() as usize | self.index
+        let index = self.index;
+        self.chunk.as_ptr().map_addr(|a| a | index)
     }
 
-    /// The entry `pack` made, or `None` for 0.
+    /// The entry `pack` made, or `None` for null.
     ///
     /// # Safety
-    /// `word` is 0 or came from [`TableEntry::pack`].
-    pub(crate) unsafe fn unpack(word: usize) -> Option<Self> {
-        let align = core::mem::align_of::<TableChunk<T>>();
-        let chunk = NonNull::new((word & !(align - 1)) as *mut TableChunk<T>)?;
+    /// `packed` is null or came from [`TableEntry::pack`].
+    pub(crate) unsafe fn unpack(packed: *mut TableChunk<T>) -> Option<Self> {
+        let low = core::mem::align_of::<TableChunk<T>>() - 1;
+        let chunk = NonNull::new(packed.map_addr(|a| a & !low))?;
         Some(Self {
             chunk,
-            index: word & (align - 1),
+            index: packed.addr() & low,
         })
     }
 
@@ -287,12 +289,12 @@ impl<T: Send + Sync + 'static> ChannelTable<T> {
             for entry in chunk.entries.iter() {
                 let channel = {
                     let _guard = epoch::pin();
-                    // Ordering: SeqCst, pairing with `publish` (see there).
+                    // Ordering: SeqCst, pairing with `publish_once` (see there).
                     let raw = entry.load(Ordering::SeqCst);
                     if raw.is_null() || raw == reserved::<T>() {
                         continue;
                     }
-                    // SAFETY: `raw` came from `Weak::into_raw` in `publish`.
+                    // SAFETY: `raw` came from `Weak::into_raw` in `publish_once`.
                     // The table's weak reference it stands for is released
                     // only through `guard.defer` in `retire`, after this pin
                     // ends, so the allocation is live; `ManuallyDrop` keeps us
@@ -329,8 +331,9 @@ impl<T: Send + Sync + 'static> ChannelTable<T> {
             }
         }
         // Every closed chunk goes, wherever it is (a chunk appended meanwhile
-        // may stand behind them): entries keep their chunk's `Arc`, and the
-        // position is only the reservers' starting hint.
+        // may stand behind them): a closed chunk had `live` 0, so no entry
+        // names it (and CLOSED is final), and the position is only the
+        // reservers' starting hint.
         self.chunks.rcu(|cur| {
             let mut next = Vec::clone(cur);
             next.retain(|c| c.live.load(Ordering::SeqCst) != CLOSED);
