@@ -81,7 +81,11 @@
 //!   single total order of `SeqCst` operations either the re-check sees the
 //!   flag (the call is refused) or the sweep sees the slot occupied (the
 //!   call is cancelled): never neither. No asymmetric fence, no
-//!   process-wide barrier.
+//!   process-wide barrier. The sweep reaches the slot through two more
+//!   publications that precede the claim in the same order: the channel's
+//!   entry in the host's table (its first call publishes it,
+//!   `ChannelShared::enter_table`) and the slab's `segments` bound (raised
+//!   before a claim in a new segment, `Slab::cover`).
 //! * The RMW that makes a thread the freer (`complete` or `finish_cancel`) is
 //!   `SeqCst` and is followed by `SeqCst` loads of the host's idle-waiter
 //!   count and the channel's handle count; a waiter (or the last handle's
