@@ -491,6 +491,9 @@ impl CallState {
     /// loads; acquire orders the winner after the claim.
     #[must_use]
     pub(crate) fn try_start(&self, gen: u64) -> bool {
+        // Ordering: Acquire, like the CAS's failure ordering: a `false`
+        // (taken over, or already started) is ordered after the winner's
+        // `STARTED`, as `await_started`'s loads are.
         let mut cur = self.load(Ordering::Acquire);
         loop {
             if !cur.is_live(gen) || !cur.has(CLAIMED) || cur.has(STARTED) {

@@ -229,37 +229,31 @@ impl ChannelShared {
     #[cold]
     #[inline(never)]
     fn enter_table(&self) {
-        let table = &self.host.table;
         // Ordering: Acquire pairs with the AcqRel CAS below (another first
         // call's entry).
-        let mut word = self.entry.load(Ordering::Acquire);
-        if word.is_null() {
-            let mine = table.reserve().pack();
-            // Ordering: AcqRel: publishes our reservation to the other first
-            // calls, or reads theirs.
-            match self.entry.compare_exchange(
-                ptr::null_mut(),
-                mine,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => word = mine,
-                Err(theirs) => {
-                    // SAFETY: reserved just now from our host's table (alive:
-                    // `self.host`), never published, given back once.
-                    unsafe {
-                        TableEntry::<ChannelShared>::unpack(mine)
-                            .expect("a packed entry is non-null")
-                            .retire();
+        let entry = match TableEntry::unpack(self.entry.load(Ordering::Acquire)) {
+            Some(theirs) => theirs,
+            None => {
+                let mine = self.host.table.reserve();
+                // Ordering: AcqRel: publishes our reservation to the other
+                // first calls, or reads theirs.
+                match self.entry.compare_exchange(
+                    ptr::null_mut(),
+                    mine.pack(),
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                ) {
+                    Ok(_) => mine,
+                    Err(theirs) => {
+                        // SAFETY: reserved just now from our host's table
+                        // (alive: `self.host`), never published, given back
+                        // once.
+                        unsafe { mine.retire() };
+                        TableEntry::unpack(theirs).expect("a packed entry is non-null")
                     }
-                    word = theirs;
                 }
             }
-        }
-        // SAFETY: packed by a first call of this channel from our host's
-        // table; retired only by our `Drop`.
-        let entry = unsafe { TableEntry::<ChannelShared>::unpack(word) }
-            .expect("a packed entry is non-null");
+        };
         // The channel's `Arc`, from the keepalive (held: the caller holds a
         // handle), borrowed for the weak reference: no count changes.
         // SAFETY: the keepalive pointer came from `Arc::into_raw`; the
@@ -269,7 +263,9 @@ impl ChannelShared {
         if cfg!(callcancel_mutant = "registered_early") {
             self.flags.fetch_or(REGISTERED, Ordering::Release);
         }
-        // SAFETY: as for `entry` above.
+        // SAFETY: the entry was reserved by a first call of this channel
+        // from our host's table (alive: `self.host`), and only our `Drop`
+        // retires it.
         let _ = unsafe { entry.publish_once(&me) };
         // Ordering: Release, after the SeqCst publication: a first call
         // that reads the bit in `begin` (Acquire) is ordered after it.
@@ -841,11 +837,10 @@ impl Drop for ChannelShared {
         // A plain load (`&mut self` orders us after every other user); an
         // RMW under loom, which does not see std's `Arc` fence.
         let word = exclusive_ptr(&self.entry);
-        // SAFETY: a non-null word was packed by `enter_table` from an entry of
-        // our host's table, which `self.host` still keeps alive; retired
-        // once, here.
-        if let Some(entry) = unsafe { TableEntry::<ChannelShared>::unpack(word) } {
-            // SAFETY: as above.
+        if let Some(entry) = TableEntry::<ChannelShared>::unpack(word) {
+            // SAFETY: a non-null word was packed by `enter_table` from an
+            // entry of our host's table, which `self.host` still keeps alive;
+            // retired once, here.
             unsafe { entry.retire() };
         }
     }

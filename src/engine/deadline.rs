@@ -141,6 +141,9 @@ impl Job {
         // segment is still published.
         let _ = slot.with(&channel.slab, |slot| {
             // Waiters were woken when the timer decided: nothing to wake.
+            // Ordering: Relaxed; only the generation is used, and the word's
+            // waiter bits are dropped (`run_claimed`'s `try_start` is the
+            // synchronising step).
             let quiet = slot
                 .state
                 .load(crate::sync::Ordering::Relaxed)
@@ -190,7 +193,6 @@ mod runners {
         use std::time::{Duration, Instant};
 
         const MAX: usize = 256;
-        const BATCH: usize = 1;
         const STUCK: Duration = Duration::from_millis(1);
         const IDLE_EXIT: Duration = Duration::from_secs(10);
 
@@ -257,6 +259,7 @@ mod runners {
             } else {
                 // Every runner busy: start another only if the last job
                 // started `STUCK` ago or more (a callback that blocks).
+                // Ordering: Relaxed, a hint (see `STARTED_AT`).
                 let started = STARTED_AT.load(Ordering::Relaxed);
                 now_nanos().saturating_sub(started) >= STUCK.as_nanos() as u64
             };
@@ -285,15 +288,12 @@ mod runners {
         fn work() {
             let mut q = lock();
             loop {
-                if !q.jobs.is_empty() {
-                    let n = q.jobs.len().min(BATCH);
-                    let batch: Vec<Job> = q.jobs.drain(..n).collect();
+                if let Some(job) = q.jobs.pop_front() {
                     drop(q);
-                    for job in batch {
-                        STARTED_AT.store(now_nanos(), Ordering::Relaxed);
-                        // `run` catches the callback's panics itself.
-                        job.run();
-                    }
+                    // Ordering: Relaxed, a hint (see `STARTED_AT`).
+                    STARTED_AT.store(now_nanos(), Ordering::Relaxed);
+                    // `run` catches the callback's panics itself.
+                    job.run();
                     q = lock();
                     continue;
                 }

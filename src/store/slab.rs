@@ -248,19 +248,17 @@ mod spare {
     /// Keeps `block` as this thread's spare; hands it back if there is one
     /// already (or the thread is exiting).
     pub(super) fn put(block: NonNull<FirstBlock>) -> Result<(), NonNull<FirstBlock>> {
-        SPARE
-            .try_with(|s| {
-                if s.0.get().is_null() {
-                    s.0.set(block.as_ptr());
-                    true
-                } else {
-                    false
-                }
-            })
-            .ok()
-            .filter(|&kept| kept)
-            .map(|_| ())
-            .ok_or(block)
+        let kept = SPARE.try_with(|s| {
+            let empty = s.0.get().is_null();
+            if empty {
+                s.0.set(block.as_ptr());
+            }
+            empty
+        });
+        match kept {
+            Ok(true) => Ok(()),
+            _ => Err(block),
+        }
     }
 }
 
@@ -534,9 +532,10 @@ impl Slab {
         }
     }
 
-    /// Where `slot` lives: (segment index, segment base), if it is one of
-    /// this slab's published slots. Address arithmetic only.
-    pub(crate) fn locate_slot(&self, slot: &CallSlot) -> Option<(usize, *const CallSlot)> {
+    /// Where `slot` lives: (segment index, segment base, offset in the
+    /// segment), if it is one of this slab's published slots. Address
+    /// arithmetic only.
+    pub(crate) fn locate_slot(&self, slot: &CallSlot) -> Option<(usize, *const CallSlot, usize)> {
         // The slot is occupied by the caller's call (or under the caller's
         // walk): its segment is below the bound.
         self.locate_addr(ptr::from_ref(slot) as usize)
@@ -544,14 +543,14 @@ impl Slab {
 
     /// As [`Slab::locate_slot`], for an address (never dereferenced): the
     /// segment below the bound that holds it now, if any.
-    fn locate_addr(&self, addr: usize) -> Option<(usize, *const CallSlot)> {
+    fn locate_addr(&self, addr: usize) -> Option<(usize, *const CallSlot, usize)> {
         (0..self.segment_bound().min(SEGMENTS)).find_map(|k| {
             let base = self.seg_ptr(k, Ordering::Acquire);
             if base.is_null() {
                 return None;
             }
             let off = addr.checked_sub(base as usize)? / core::mem::size_of::<CallSlot>();
-            (off < segment_len(k)).then_some((k, base.cast_const()))
+            (off < segment_len(k)).then_some((k, base.cast_const(), off))
         })
     }
 
@@ -572,7 +571,7 @@ impl Slab {
         debug_assert!(_walk.counted, "a slot past segment 0 needs a counted walk");
         // Ordering: SeqCst, after the walk's increment (see `walk`).
         let cur = self.seg_ptr(k, Ordering::SeqCst);
-        (cur as usize == base).then(|| NonNull::new(cur)).flatten()
+        NonNull::new(cur).filter(|p| p.as_ptr() as usize == base)
     }
 
     /// The published segment `k`, if any.
@@ -703,7 +702,9 @@ impl Slab {
         } else {
             BASE.min(bound)
         };
-        for index in (start..bound).chain(0..start) {
+        // Segment 0 was just scanned if the hint was in it.
+        let wrap_from = if hint < BASE { BASE.min(start) } else { 0 };
+        for index in (start..bound).chain(wrap_from..start) {
             if let Some(slot) = self.try_claim_at(index) {
                 if index != hint {
                     // Point the next claim past us: the slot we took is busy.
@@ -826,9 +827,7 @@ impl Slab {
     /// so the slot may have been released (and its segment given back)
     /// since.
     pub(crate) fn index_hint(&self, slot: *const CallSlot) -> Option<usize> {
-        let addr = slot as usize;
-        let (k, base) = self.locate_addr(addr)?;
-        let off = (addr - base as usize) / core::mem::size_of::<CallSlot>();
+        let (k, _, off) = self.locate_addr(slot as usize)?;
         Some(BASE * ((1 << k) - 1) + off)
     }
 
@@ -954,10 +953,9 @@ pub(crate) struct SlotRef {
 impl SlotRef {
     /// For a slot of `slab` that the caller's call occupies.
     pub(crate) fn new(slab: &Slab, slot: &CallSlot) -> Self {
-        let (k, base) = slab
+        let (k, base, off) = slab
             .locate_slot(slot)
             .expect("an occupied slot's segment is published");
-        let off = (ptr::from_ref(slot) as usize - base as usize) / core::mem::size_of::<CallSlot>();
         Self {
             slot: NonNull::from(slot),
             k,
