@@ -40,6 +40,9 @@ loom register_vs_fault register_vs_channel_fault -
 loom abort_vs_fault abort_vs_fault_same_call 3
 loom cancel_vs_complete cancel_vs_complete_while_callback_runs -
 loom cancel_vs_complete complete_vs_abort -
+loom batched_finish fault_settles_vs_complete -
+loom batched_finish fault_settles_two_calls_vs_completions 3
+loom batched_finish fault_settles_vs_complete_vs_last_handle 3
 loom two_aborts two_aborts_at_once 3
 loom two_aborts two_faults_with_a_parked_watch 3
 loom watch_reuse watch_repolled_across_slot_reuse 3

@@ -30,6 +30,14 @@
 #                                          the channel as in the table before
 #                                          publishing it: another first call skips
 #                                          ahead and an abort misses its call (R4)
+#   no_settle_fence        src/engine/channel.rs: ChannelShared::settle re-reads the
+#                                          swept calls without its fence(SeqCst):
+#                                          sweeper and owner both miss the other's
+#                                          write, nobody frees (pair 2b, a leak)
+#   owner_ignores_returned src/slot.rs:    CallSlot::callback_returned always says
+#                                          no: an owner completing after the
+#                                          sweeper's re-check leaves the free to
+#                                          nobody (pair 2b, a leak)
 #   no_duty                src/state.rs:   CallState::request_duty never hands the
 #                                          release duties over (orphan leak,
 #                                          idle waiter never woken)
@@ -53,6 +61,8 @@ no_duty orphan last_handle_vs_finishing_free
 canceller_current_gen cancel_per_call canceller_vs_complete_and_reuse
 no_cover shrink begin_call_in_a_new_segment_vs_fault
 registered_early begin_call_vs_abort two_first_calls_vs_host_abort 2
+no_settle_fence batched_finish fault_settles_vs_complete
+owner_ignores_returned batched_finish fault_settles_vs_complete
 "
 
 run() { # flags file test -> exit status of the model, output in $out

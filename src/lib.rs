@@ -95,12 +95,12 @@
 //! | rule | decided in |
 //! |---|---|
 //! | R1 | `state.rs`: `CallState::request_cancel` (one CAS sets `CANCELLED`, and `CLAIMED` if registered) and `publish_registration` (`RunInline`) |
-//! | R2, R3 | `state.rs`: `complete` / `finish_cancel` decide the freer; `slot.rs`: `free_registration` (panic-safe) |
+//! | R2, R3 | `state.rs`: `complete` / `finish_cancel` decide the freer, or, after a sweep's batched finish, `take_free` (`engine/channel.rs`: `ChannelShared::settle` and `complete`); `slot.rs`: `free_registration` (panic-safe) |
 //! | R4 | `engine/channel.rs`: `ChannelShared::begin` (CAS, then `SeqCst` re-check) against `fault` / `engine/host.rs` `abort` (flag, then sweep); `state.rs`: `publish_registration`; `store/slab.rs`: `Slab::cover` (a claimer raises the `segments` bound a sweep scans below, before its claim); `engine/channel.rs`: `ChannelShared::enter_table` (a channel's first call publishes it in the host's table before its claim) |
 //! | R5 | `state.rs`: the reason bits are written once, by the deciding CAS |
 //! | R6 | `state.rs`: `request_cancel` skips `COMPLETED` and other generations |
 //! | R7 | `engine/deadline.rs` (arm; disarm before completion; expiry decides through `decide_cancel` on the timer thread, a claimed callback runs on the `runners` pool); `store/timer.rs` (never early) |
-//! | A1 | `engine/channel.rs`: `ChannelShared::sweep` (a losing sweeper waits for `STARTED`, and takes over a claimed callback that did not start: `ChannelShared::await_started`, `CallState::try_start`) |
+//! | A1 | `engine/channel.rs`: `ChannelShared::sweep` (a losing sweeper waits for `STARTED`, set in the claim of a canceller that runs the callback at once, and takes over a callback claimed without it that did not start: `ChannelShared::await_started`, `CallState::try_start`) |
 //! | A2 | `engine/host.rs`: `wait_idle_until`; `store/host_core.rs`: idle epoch; `state.rs`: `request_duty` / `release` (`DUTY`) |
 //! | A3 | `store/host_core.rs`: `UserCode` / `running_for` (waits from a callback answer at once); no lock held across user code |
 //! | A4 | `value/panic.rs`: `FirstPanic`; every user call site catches |

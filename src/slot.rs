@@ -11,10 +11,28 @@
 //!   it, or the registrar itself on `RunInline`) mutates it to take the
 //!   `on_cancel` closure out;
 //! * the freer (whoever finishes last, decided by `complete` /
-//!   `finish_cancel`) takes the registration out and runs the free-state.
+//!   `finish_cancel` / `take_free`) takes the registration out and runs the
+//!   free-state.
 //!
 //! These three never overlap in time; the orderings that make each one see
-//! the previous one's writes are listed in `state.rs` (pairs 1–3).
+//! the previous one's writes are listed in `state.rs` (pairs 1–3, 2b).
+//!
+//! # The vtable pointer's word
+//!
+//! ```text
+//!  63 ................................. 1      0
+//! +--------------------------------------+----------+
+//! | &'static VTable (8-aligned), or null  | RETURNED |
+//! +--------------------------------------+----------+
+//! ```
+//!
+//! Null until the registrar publishes the registration (`Release`, pair 1)
+//! and again once the freer took it out (before the release). `RETURNED`:
+//! a sweep's callback returned (its batched finish, pair 2b in `state.rs`),
+//! stored `Release` by the sweeper and read `SeqCst` by the owner's
+//! `complete`. One thread writes the word at a time (registrar, then
+//! callback runner, then freer, ordered by the state word), so plain
+//! stores suffice.
 
 use core::mem::{align_of, size_of, ManuallyDrop, MaybeUninit};
 use core::ptr;
@@ -287,9 +305,10 @@ impl CallSlot {
         loop {
             // Ordering: Acquire pairs with the Release store in
             // `store_registration`.
-            let p = self.vtable.load(Ordering::Acquire);
+            let p = untagged(self.vtable.load(Ordering::Acquire));
             if !p.is_null() {
-                // SAFETY: only `&'static VTable`s are stored here.
+                // SAFETY: only `&'static VTable`s are stored here (perhaps
+                // tagged `RETURNED` in the low bit, cleared above).
                 return unsafe { &*p };
             }
             spins = spins.wrapping_add(1);
@@ -335,6 +354,55 @@ impl CallSlot {
             catch(|| unsafe { (vtable.free)(buf, cancel_ran) })
         })
     }
+
+    /// A sweeping canceller's callback returned (the batched finish,
+    /// `ChannelShared::sweep`): instead of a `finish_cancel` RMW on the
+    /// state word, tag the vtable pointer `RETURNED`. The canceller touches
+    /// neither the cell nor the waker afterwards. Then, after one
+    /// `fence(SeqCst)` for its whole batch, it re-reads the state word for
+    /// `COMPLETED`; the owner's `complete` RMW is followed by a `SeqCst`
+    /// load of this pointer ([`CallSlot::callback_returned`]). Dekker: at
+    /// least one of the two sees the other, and both race for the freer's
+    /// right with `CallState::take_free` (pair 2b in `state.rs`).
+    ///
+    /// Ordering: Release: an owner that reads the tag and frees sees the
+    /// cell as the callback left it.
+    pub(crate) fn mark_returned(&self) {
+        let p = untagged(self.vtable.load(Ordering::Relaxed));
+        debug_assert!(!p.is_null());
+        self.vtable.store(tagged(p, RETURNED), Ordering::Release);
+    }
+
+    /// The owner's side of [`CallSlot::mark_returned`]: read right after its
+    /// `complete` RMW (and `dekker_fence`). Ordering: `SeqCst`, the load half
+    /// of the owner's side of the Dekker pair (the `SeqCst` fence of the
+    /// canceller's batch orders its store before it, or its later state
+    /// load after the owner's RMW).
+    pub(crate) fn callback_returned(&self) -> bool {
+        // Mutant (ci/mutants.sh): the owner never sees the batched finish
+        // (a leak: nobody frees when only the owner could see the other).
+        if cfg!(callcancel_mutant = "owner_ignores_returned") {
+            return false;
+        }
+        tag_of(self.vtable.load(Ordering::SeqCst)) & RETURNED != 0
+    }
+}
+
+/// The low bit of the slot's vtable pointer (a `VTable` is pointer-aligned):
+/// a sweep's callback returned (`CallSlot::mark_returned`).
+const RETURNED: usize = 1;
+const _: () = assert!(align_of::<VTable>() > RETURNED);
+
+fn tagged(p: *mut VTable, tag: usize) -> *mut VTable {
+    p.map_addr(|a| a | tag)
+}
+
+fn untagged(p: *mut VTable) -> *mut VTable {
+    p.map_addr(|a| a & !RETURNED)
+}
+
+fn tag_of(p: *mut VTable) -> usize {
+    p.addr() & RETURNED
 }
 
 impl CallSlot {
@@ -433,7 +501,7 @@ mod tests {
             }
             let g = slot.state.load(Ordering::Relaxed).generation();
             assert!(matches!(
-                slot.state.request_cancel(g, CancelReason::HostAbort),
+                slot.state.request_cancel(g, CancelReason::HostAbort, false),
                 crate::state::CancelOutcome::Claimed { .. }
             ));
             assert!(slot.state.try_start(g));

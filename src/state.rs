@@ -24,8 +24,8 @@
 //! | `REGISTERED` | a registrar won the slot's one registration | [`CallState::publish_registration`] | later registrars fail with `AlreadyRegistered`; the bytes are published through the slot's vtable pointer (`slot.rs`) |
 //! | `CANCELLED` + `REASON` (2 bits) | cancellation decided, and why (`HostAbort` 0, `ChannelFaulted` 1, `CallCancelled` 2, `DeadlineExceeded` 3) | the first canceller's CAS ([`CallState::request_cancel`]) | set at most once per generation, never after `COMPLETED`; the reason never changes (R5) |
 //! | `CLAIMED` | a canceller owns the callback | the same CAS, when `REGISTERED` is set | implies `CANCELLED` and `REGISTERED` |
-//! | `STARTED` | the callback was invoked (A1), and by whom it is run | the inline registrar ([`CallState::mark_started`]), or whoever wins [`CallState::try_start`] on a claimed callback (the claimer, or a sweeper taking it over) | implies `CANCELLED` and `REGISTERED`; losing sweepers wait for it (`ChannelShared::await_started`) |
-//! | `CB_DONE` | the claimed callback returned | [`CallState::finish_cancel`] | implies `CLAIMED` |
+//! | `STARTED` | the callback is invoked (A1): the right to run it is taken, and its runner invokes it next, with no user code and nothing to wait for but the registrar's publication (pair 1) | the claim CAS itself when the canceller runs the callback at once (a sweep, `cancel()`: `run_now`); [`CallState::try_start`] on a job claimed without it (a deadline runner, or a sweeper taking the job over); the inline registrar ([`CallState::mark_started`]) | implies `CANCELLED` and `REGISTERED`; losing sweepers wait for it (`ChannelShared::await_started`); nobody takes a started callback over |
+//! | `CB_DONE` | the claimed callback returned *and* the freer is decided | [`CallState::finish_cancel`] (one RMW after the callback), or [`CallState::take_free`] (a sweep's batched finish, pair 2b) | implies `CLAIMED` |
 //! | `COMPLETED` | the owner completed the call | [`CallState::complete`] | afterwards only the freer writes the word, plus a `DUTY` request |
 //! | `WAITER` | the primary `cancelled()` future parked in the slot's `AtomicWaker` | [`CallState::announce_waiter`] | cleared by a dropped primary ([`CallState::withdraw_waiter`]) or the release |
 //! | `OVERFLOW` | futures parked in the channel's overflow list | [`CallState::announce_waiter`] | cleared by the release |
@@ -54,6 +54,19 @@
 //!      └── finish_cancel: canceller frees, then release
 //! ```
 //!
+//! A sweep (fault, abort) does not `finish_cancel`: after the callback it
+//! tags the slot's vtable pointer `RETURNED` with a plain store, and settles
+//! the calls of its batch behind one fence (pair 2b below):
+//!
+//! ```text
+//!   CLAIMED|STARTED ── callback returns ── tag RETURNED (store) ── fence ── re-read:
+//!        │                                                   not COMPLETED: done, the owner frees
+//!        │ complete (owner): COMPLETED;                      COMPLETED: take_free (CAS → CB_DONE)
+//!        ▼ then reads the tag (SeqCst)                         winner frees, then release
+//!   ..|COMPLETED ── tag not seen: return (the sweep's re-read sees COMPLETED)
+//!                ── tag seen: take_free (CAS → CB_DONE); winner frees, then release
+//! ```
+//!
 //! "Finishing" ([`Snapshot::is_finishing`]) = `COMPLETED` and the freer
 //! decided (not `CLAIMED`, or `CB_DONE`): the freer runs the free-state and
 //! wakes watches, then releases. A scanner that must know when the slot is
@@ -72,6 +85,19 @@
 //!   `finish_cancel` (`SeqCst` RMW). The owner's `complete` RMW (`SeqCst`) that
 //!   reads `CB_DONE` sees the cell as the claimer left it; a claimer whose
 //!   `finish_cancel` reads `COMPLETED` owns the cell outright. (Pair 2.)
+//! * A sweep's batched finish (pair 2b, P6: one RMW per swept call instead
+//!   of three): the sweeper's callback returns, it stores the `RETURNED`
+//!   tag (`Release`), and after its batch's `fence(SeqCst)` re-reads the
+//!   word; the owner's `complete` RMW (`SeqCst`) is followed by a `SeqCst`
+//!   load of the tag. A Dekker pair: the fence is sequenced after the store
+//!   and before the re-read, so either the owner's RMW precedes the fence
+//!   in the `SeqCst` order (the re-read sees `COMPLETED`) or the fence
+//!   precedes the owner's load (which then sees the tag). Whoever sees the
+//!   other asks [`CallState::take_free`] (a `SeqCst` CAS from "completed,
+//!   claimed, not `CB_DONE`" of the same generation); one wins and frees.
+//!   The tag's `Release` store and the CAS's acquire hand the cell over.
+//!   Nothing waits: an owner that sees no tag returns at once (R3's "no
+//!   blocking on a running callback").
 //! * `release` swaps in the next generation (`SeqCst`, so at least
 //!   release); the next `try_occupy` (`SeqCst` CAS) reads it and so sees the
 //!   emptied cell. (Pair 3.)
@@ -86,16 +112,17 @@
 //!   entry in the host's table (its first call publishes it,
 //!   `ChannelShared::enter_table`) and the slab's `segments` bound (raised
 //!   before a claim in a new segment, `Slab::cover`).
-//! * The RMW that makes a thread the freer (`complete` or `finish_cancel`) is
-//!   `SeqCst` and is followed by `SeqCst` loads of the host's idle-waiter
+//! * The RMW that makes a thread the freer (`complete`, `finish_cancel` or
+//!   `take_free`) is `SeqCst` and is followed by `SeqCst` loads of the host's idle-waiter
 //!   count and the channel's handle count; a waiter (or the last handle's
 //!   drop) writes those (`SeqCst`) before its census. So a freer either sees
 //!   the waiter (and notifies after its release), or the census sees the
 //!   slot not yet decided (its freer will see the waiter), or sees it
 //!   finishing and hands the duty over with `DUTY` (`SeqCst` CAS, read by
 //!   the `SeqCst` release swap).
-//! * A1: `mark_started` is a `Release` RMW and `try_start` an `AcqRel` CAS;
-//!   the waiting sweepers load with `Acquire`.
+//! * A1: `STARTED` is set by the claim CAS (`AcqRel`) of a canceller that
+//!   runs the callback at once, by `mark_started` (a `Release` RMW) or by
+//!   `try_start` (an `AcqRel` CAS); the waiting sweepers load with `Acquire`.
 //! * `is_cancelled()` is one `Acquire` load, pairing with the `AcqRel`
 //!   RMW that set `CANCELLED` (P4).
 
@@ -173,8 +200,8 @@ impl Snapshot {
     pub(crate) fn is_registered(self) -> bool {
         self.0 & REGISTERED != 0
     }
-    /// Cancelled and registered, but the callback has not been invoked yet
-    /// (A1 waits for it: see `ChannelShared::await_started`).
+    /// Cancelled and registered, but nobody holds the right to run the
+    /// callback yet (`STARTED`): A1 waits for it (`ChannelShared::await_started`).
     #[inline]
     pub(crate) fn callback_pending(self) -> bool {
         self.0 & (OCCUPIED | REGISTERED | CANCELLED | STARTED) == OCCUPIED | REGISTERED | CANCELLED
@@ -310,8 +337,10 @@ pub(crate) enum Completion {
     /// The owner frees the registered state (if `prev` is registered), wakes
     /// the waiters `prev` names, then calls [`CallState::release`].
     OwnerFrees { prev: Snapshot },
-    /// A canceller's callback is still running: it frees and releases.
-    CancellerFrees,
+    /// A canceller's callback was still running at the RMW (`prev`, the
+    /// word it replaced): the canceller frees and releases — after a
+    /// batched finish, whoever wins [`CallState::take_free`] does.
+    CancellerFrees { prev: Snapshot },
 }
 
 /// Outcome of [`CallState::release`].
@@ -436,7 +465,12 @@ impl CallState {
         }
     }
 
-    /// A canceller asks to cancel generation `gen` with `reason`.
+    /// A canceller asks to cancel generation `gen` with `reason`. `run_now`:
+    /// the canceller will run a claimed callback itself, at once (a sweep,
+    /// `cancel()`): then the same CAS sets `STARTED` too (one RMW instead of
+    /// a claim and a `try_start`): the right to run it is taken, nobody may
+    /// take it over, and A1's waiters may return. A deadline expiry, which
+    /// hands the callback to a runner thread, claims without it.
     ///
     /// Ordering: `AcqRel` on success. Acquire: a claimer is ordered after the
     /// registrar's RMW (it still waits for the registration bytes through the
@@ -444,8 +478,13 @@ impl CallState {
     /// everything the canceller did before) to `is_cancelled()`, to
     /// `cancelled()` and to a registrar that will run the callback inline.
     /// The failure and skip loads are `Acquire` too: a skipping sweeper that
-    /// must wait for `STARTED` (A1) reads it with `Acquire` afterwards.
-    pub(crate) fn request_cancel(&self, gen: u64, reason: CancelReason) -> CancelOutcome {
+    /// must wait for the callback (A1) reads on with `Acquire` afterwards.
+    pub(crate) fn request_cancel(
+        &self,
+        gen: u64,
+        reason: CancelReason,
+        run_now: bool,
+    ) -> CancelOutcome {
         let mut cur = Snapshot(self.word.load(Ordering::Acquire));
         loop {
             if !cur.is_live(gen) || cur.is_completed() || cur.is_cancelled() {
@@ -455,6 +494,9 @@ impl CallState {
             let mut new = cur.0 | CANCELLED | reason_bits(reason);
             if claim {
                 new |= CLAIMED;
+                if run_now {
+                    new |= STARTED;
+                }
             }
             match self
                 .word
@@ -541,10 +583,48 @@ impl CallState {
             && !prev.has(CB_DONE)
             && !cfg!(callcancel_mutant = "complete_ignores_claim")
         {
-            Completion::CancellerFrees
+            Completion::CancellerFrees { prev }
         } else {
             Completion::OwnerFrees { prev }
         }
+    }
+
+    /// The batched finish's arbitration (pair 2b): a sweeping canceller
+    /// that tagged its callback `RETURNED` (`CallSlot::mark_returned`) and
+    /// then saw `COMPLETED`, and an owner whose `complete` found the claim
+    /// unfinished and then saw the tag, both ask for the freer's right;
+    /// exactly one gets it (the word of generation `gen` goes to
+    /// `CB_DONE`, and finishing). `Some(word)`: ours, `word` as it now
+    /// stands. `None`: the other side took it (or the slot moved on).
+    ///
+    /// Ordering: `SeqCst` CAS, the freer-deciding RMW (idle waiters and the
+    /// last handle are checked right after it, module docs); acquire orders
+    /// the winner after the other side's last use of the cell (its release
+    /// store of the tag, or its `complete` RMW).
+    #[must_use]
+    pub(crate) fn take_free(&self, gen: u64) -> Option<Snapshot> {
+        let mut cur = self.load(Ordering::SeqCst);
+        loop {
+            if !cur.is_live(gen) || !cur.is_completed() || !cur.has(CLAIMED) || cur.has(CB_DONE) {
+                return None;
+            }
+            let new = cur.0 | CB_DONE;
+            match self
+                .word
+                .compare_exchange_weak(cur.0, new, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => return Some(Snapshot(new)),
+                Err(actual) => cur = Snapshot(actual),
+            }
+        }
+    }
+
+    /// Whether `self` is generation `gen`, completed by its owner while a
+    /// claimed callback was still running and nobody decided the freer yet:
+    /// the batched finish's re-check (after its `fence(SeqCst)`).
+    pub(crate) fn completed_unfinished(&self, gen: u64) -> bool {
+        let cur = self.load(Ordering::SeqCst);
+        cur.is_live(gen) && cur.is_completed() && cur.has(CLAIMED) && !cur.has(CB_DONE)
     }
 
     /// The freer hands the slot back: clear every flag and bump the
@@ -708,13 +788,13 @@ mod tests {
             let s = CallState::new();
             let g = s.try_occupy().unwrap().generation();
             assert!(matches!(
-                s.request_cancel(g, reason),
+                s.request_cancel(g, reason, false),
                 CancelOutcome::Marked { .. }
             ));
             assert_eq!(s.load(Ordering::Relaxed).reason(), Some(reason));
             for other in [CancelReason::HostAbort, CancelReason::DeadlineExceeded] {
                 assert!(matches!(
-                    s.request_cancel(g, other),
+                    s.request_cancel(g, other, false),
                     CancelOutcome::Skipped { .. }
                 ));
             }
@@ -727,7 +807,7 @@ mod tests {
         let s = CallState::new();
         let occ = s.try_occupy().unwrap();
         assert!(matches!(
-            s.request_cancel(occ.generation(), CancelReason::ChannelFaulted),
+            s.request_cancel(occ.generation(), CancelReason::ChannelFaulted, false),
             CancelOutcome::Marked { .. }
         ));
         assert_eq!(
@@ -752,12 +832,12 @@ mod tests {
         let g = s.try_occupy().unwrap().generation();
         assert_eq!(s.publish_registration(), Published::Armed);
         assert!(matches!(
-            s.request_cancel(g, CancelReason::HostAbort),
+            s.request_cancel(g, CancelReason::HostAbort, false),
             CancelOutcome::Claimed { .. }
         ));
         assert!(s.try_start(g));
         assert!(!s.try_start(g), "one runner");
-        assert_eq!(s.complete(), Completion::CancellerFrees);
+        assert!(matches!(s.complete(), Completion::CancellerFrees { .. }));
         assert!(!s.load(Ordering::Relaxed).is_finishing());
         let AfterCallback::CancellerFrees { word } = s.finish_cancel() else {
             panic!()
@@ -768,7 +848,7 @@ mod tests {
         let g = s.try_occupy().unwrap().generation();
         assert_eq!(s.publish_registration(), Published::Armed);
         assert!(matches!(
-            s.request_cancel(g, CancelReason::HostAbort),
+            s.request_cancel(g, CancelReason::HostAbort, false),
             CancelOutcome::Claimed { .. }
         ));
         assert!(s.try_start(g));
@@ -803,14 +883,14 @@ mod tests {
             panic!()
         };
         assert!(matches!(
-            s.request_cancel(g, CancelReason::HostAbort),
+            s.request_cancel(g, CancelReason::HostAbort, false),
             CancelOutcome::Skipped { .. }
         ));
         finish(&s, prev);
         let g2 = s.try_occupy().unwrap().generation();
         assert_ne!(g, g2);
         assert!(matches!(
-            s.request_cancel(g, CancelReason::HostAbort),
+            s.request_cancel(g, CancelReason::HostAbort, false),
             CancelOutcome::Skipped { .. }
         ));
         assert_eq!(s.publish_registration(), Published::Armed);
@@ -818,7 +898,7 @@ mod tests {
             panic!()
         };
         assert!(matches!(
-            s.request_cancel(g2, CancelReason::HostAbort),
+            s.request_cancel(g2, CancelReason::HostAbort, false),
             CancelOutcome::Skipped { .. }
         ));
         assert_eq!(s.announce_waiter(g2, WAITER), None);
@@ -833,5 +913,52 @@ mod tests {
         assert!(s.announce_waiter(g, WAITER).unwrap().has(WAITER));
         s.withdraw_waiter(g);
         assert!(!s.announce_waiter(g, WAITER).unwrap().has(WAITER));
+    }
+
+    /// Pair 2b: a claim that runs at once takes `STARTED` in the same CAS
+    /// (nobody can take it over); after the owner completed while it ran,
+    /// `take_free` gives the freer's right once, for that generation only.
+    #[test]
+    fn a_batched_finish_gives_the_free_once() {
+        let s = CallState::new();
+        let g = s.try_occupy().unwrap().generation();
+        assert_eq!(s.publish_registration(), Published::Armed);
+        assert!(matches!(
+            s.request_cancel(g, CancelReason::HostAbort, true),
+            CancelOutcome::Claimed { .. }
+        ));
+        assert!(!s.load(Ordering::Relaxed).callback_pending());
+        assert!(!s.try_start(g), "started by the claim");
+        // Not completed yet: nothing to take, the owner will free.
+        assert!(!s.completed_unfinished(g));
+        assert_eq!(s.take_free(g), None);
+        let Completion::CancellerFrees { prev } = s.complete() else {
+            panic!("the claimed callback has not finished")
+        };
+        assert_eq!(prev.generation(), g);
+        assert!(s.completed_unfinished(g));
+        assert_eq!(s.take_free(g + 1), None, "another generation");
+        let word = s.take_free(g).expect("first asker frees");
+        assert!(word.is_finishing());
+        assert_eq!(s.take_free(g), None, "only once");
+        assert!(!s.completed_unfinished(g));
+        assert_eq!(s.release(word), Released::Quiet);
+        assert!(!s.completed_unfinished(g));
+    }
+
+    /// A deadline expiry claims without `STARTED`: its runner (or a thief)
+    /// must win `try_start`, once.
+    #[test]
+    fn a_claim_for_a_runner_leaves_the_start_open() {
+        let s = CallState::new();
+        let g = s.try_occupy().unwrap().generation();
+        assert_eq!(s.publish_registration(), Published::Armed);
+        assert!(matches!(
+            s.request_cancel(g, CancelReason::DeadlineExceeded, false),
+            CancelOutcome::Claimed { .. }
+        ));
+        assert!(s.load(Ordering::Relaxed).callback_pending());
+        assert!(s.try_start(g));
+        assert!(!s.try_start(g));
     }
 }

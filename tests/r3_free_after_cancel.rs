@@ -216,3 +216,65 @@ fn inline_callback_finishes_before_free() {
         (1, 1, 0)
     );
 }
+
+/// The batched finish of a sweep (pair 2b in `state.rs`): a fault runs the
+/// callbacks of 70 calls (more than two batches) while their owner
+/// completes them, in the sweep's order, on another thread. Whichever side frees, every
+/// state is freed exactly once, never while its callback runs, and the
+/// channel ends with nothing in flight (a call that neither side freed
+/// would stay in flight for good). The sweep counts its cancellations once,
+/// at its end: the host's counter matches the callbacks that ran.
+#[test]
+fn a_fault_racing_the_completions_frees_every_call_once() {
+    const ROUNDS: usize = 200;
+    const CALLS: usize = 70;
+    let host = ServiceHost::new();
+    let (mut cancelled, mut sweeper_freed) = (0, 0);
+    for _ in 0..ROUNDS {
+        let ch = host.open_channel().unwrap();
+        let probes: Vec<_> = (0..CALLS).map(|_| Probe::new()).collect();
+        let calls: Vec<_> = probes
+            .iter()
+            .map(|p| {
+                let call = ch.begin_call().unwrap();
+                p.register(&call).unwrap();
+                call
+            })
+            .collect();
+        let start = Arc::new(Barrier::new(2));
+        let faulter = {
+            let (ch, start) = (ch.clone(), Arc::clone(&start));
+            thread::spawn(move || {
+                start.wait();
+                ch.fault();
+                thread::current().id()
+            })
+        };
+        start.wait();
+        // In the sweep's order: the owner chases the sweeper, completing
+        // calls whose callbacks run or just returned.
+        for call in calls {
+            call.complete();
+        }
+        let faulter = faulter.join().unwrap();
+        assert_eq!(ch.in_flight(), 0, "a call nobody freed");
+        for p in &probes {
+            assert_eq!(p.frees(), 1, "R2: freed exactly once");
+            assert_eq!(p.violations(), 0, "R3");
+            cancelled += p.cancels();
+            if p.cancels() == 1 && p.free_thread() == Some(faulter) {
+                sweeper_freed += 1; // completed while its callback ran
+            }
+        }
+    }
+    assert_eq!(host.in_flight(), 0);
+    assert_eq!(
+        host.stats().cancelled(CancelReason::ChannelFaulted),
+        cancelled as u64,
+        "one count per callback run"
+    );
+    eprintln!(
+        "{cancelled} of {} calls cancelled, {sweeper_freed} of them freed by the sweeper",
+        ROUNDS * CALLS
+    );
+}

@@ -26,6 +26,7 @@
 //! channel after its release only through an `Arc` it took before (or was
 //! handed with `DUTY`).
 
+use core::mem::MaybeUninit;
 use core::ptr::{self, NonNull};
 
 use crate::slot::{CallSlot, Prepared};
@@ -384,11 +385,22 @@ impl ChannelShared {
     /// Cancels every in-flight call of this channel with `reason`. When it
     /// returns, every registered call that was in flight when it started
     /// has had its callback invoked — by this thread, or by the thread that
-    /// decided first, whose `mark_started` it waits for (A1, issue 12 #3).
+    /// decided first, whose `STARTED` it waits for (A1, issue 12 #3).
     /// The caller holds a strong reference.
+    ///
+    /// Per call this sweep claims (one CAS, which also takes the right to
+    /// run: `STARTED`), runs the callback, and tags the vtable pointer
+    /// `RETURNED` with a plain store; the hand-off to an owner that
+    /// completed meanwhile is settled for up to [`BATCH`] calls at once,
+    /// behind one `fence(SeqCst)` ([`ChannelShared::settle`], pair 2b in
+    /// `state.rs`). Cancellations are counted once per sweep, and the
+    /// thread is marked as running user code once (P6).
     pub(crate) fn sweep(&self, reason: CancelReason, panics: &mut FirstPanic) {
         let walk = self.slab.scan();
         let mut occupied = 0;
+        let mut decided = 0;
+        let mut returned = Returned::default();
+        let mut user: Option<UserCode> = None;
         self.slab.for_each_slot(&walk, |slot| {
             // Ordering: SeqCst, second half of the R4 Dekker pair.
             let snap = slot.state.load(Ordering::SeqCst);
@@ -400,17 +412,71 @@ impl ChannelShared {
             let now = if snap.is_cancelled() || snap.is_completed() {
                 snap
             } else {
-                match self.cancel_slot(slot, gen, reason, panics) {
-                    Ok(()) => return,
-                    Err(now) => now,
+                match slot.state.request_cancel(gen, reason, true) {
+                    CancelOutcome::Skipped { now } => now,
+                    CancelOutcome::Marked { wake } => {
+                        decided += 1;
+                        panics.record(self.wake_waiters(slot, wake, Some(reason)));
+                        return;
+                    }
+                    CancelOutcome::Claimed { wake } => {
+                        decided += 1;
+                        user.get_or_insert_with(|| UserCode::enter(&self.host));
+                        self.invoke(slot, reason, wake, panics);
+                        slot.mark_returned();
+                        if returned.push(slot, gen) {
+                            self.settle(&mut returned, panics);
+                        }
+                        return;
+                    }
                 }
             };
             if now.callback_pending() {
                 self.await_started(slot, gen, panics);
             }
         });
+        self.settle(&mut returned, panics);
+        drop(user);
+        self.host.count_cancels(reason, decided);
         // Cost follows the live load: give back a burst's segments.
         self.slab.shrink(&walk, occupied);
+    }
+
+    /// The sweeper's side of the batched finish (pair 2b in `state.rs`):
+    /// after one `fence(SeqCst)`, every call whose callback this sweep ran
+    /// and tagged `RETURNED` is re-read; an owner that completed while the
+    /// callback ran (and may not have seen the tag) leaves the free to us,
+    /// and [`CallState::take_free`] decides it against an owner that did.
+    /// The slots stay reachable: the sweep's walk keeps their segments.
+    fn settle(&self, returned: &mut Returned, panics: &mut FirstPanic) {
+        if returned.len == 0 {
+            return;
+        }
+        // Ordering: the canceller's StoreLoad barrier of pair 2b: its
+        // `RETURNED` stores (Release) before, its state loads after; pairs
+        // with the owner's `complete` RMW and `SeqCst` load of the tag.
+        // Mutant (ci/mutants.sh): no barrier (a leak loom finds).
+        if !cfg!(callcancel_mutant = "no_settle_fence") {
+            crate::sync::fence(Ordering::SeqCst);
+        }
+        for (slot, gen) in returned.calls() {
+            // SAFETY: the sweep's walk (still alive) keeps the segment, and
+            // with it the slot, allocated; `CallState` is all atomics.
+            let slot = unsafe { slot.as_ref() };
+            if !slot.state.completed_unfinished(gen) {
+                continue; // the owner frees at completion, or did
+            }
+            if let Some(word) = slot.state.take_free(gen) {
+                // Right after the freer-deciding SeqCst RMW.
+                let after = self.after_release_duties();
+                panics.record(self.free(slot, true));
+                let (panic, keep) = self.release(slot, word, after);
+                panics.record(panic);
+                // The sweep's caller holds a strong reference: never the last.
+                drop(keep);
+            }
+        }
+        returned.clear();
     }
 
     /// Cancels generation `gen` of `slot` alone with `reason`: decide, run
@@ -425,7 +491,7 @@ impl ChannelShared {
         reason: CancelReason,
         panics: &mut FirstPanic,
     ) -> Result<(), Snapshot> {
-        match slot.state.request_cancel(gen, reason) {
+        match slot.state.request_cancel(gen, reason, true) {
             CancelOutcome::Skipped { now } => Err(now),
             CancelOutcome::Marked { wake } => {
                 self.host.count_cancel(reason);
@@ -434,7 +500,9 @@ impl ChannelShared {
             }
             CancelOutcome::Claimed { wake } => {
                 self.host.count_cancel(reason);
-                self.run_claimed(slot, gen, reason, wake, panics);
+                let _user = UserCode::enter(&self.host);
+                self.invoke(slot, reason, wake, panics);
+                self.finish_now(slot, panics);
                 Ok(())
             }
         }
@@ -442,7 +510,8 @@ impl ChannelShared {
 
     /// As [`ChannelShared::cancel_slot`], but a callback to run is handed
     /// back as a [`Claimed`] job instead of run here (the timer thread must
-    /// not run user code that may block: `engine/deadline.rs`).
+    /// not run user code that may block: `engine/deadline.rs`). The claim
+    /// leaves `STARTED` clear: a sweep may take the job over.
     pub(crate) fn decide_cancel(
         &self,
         slot: &CallSlot,
@@ -450,7 +519,7 @@ impl ChannelShared {
         reason: CancelReason,
         panics: &mut FirstPanic,
     ) -> Option<Claimed> {
-        match slot.state.request_cancel(gen, reason) {
+        match slot.state.request_cancel(gen, reason, false) {
             CancelOutcome::Skipped { .. } => None,
             CancelOutcome::Marked { wake } => {
                 self.host.count_cancel(reason);
@@ -469,10 +538,11 @@ impl ChannelShared {
         }
     }
 
-    /// Runs a claimed callback of generation `gen`, if this thread wins
-    /// `try_start` (the claimer normally does; a sweeper may have taken it
-    /// over: `await_started`): invoke it, wake the waiters `wake` names, and
-    /// free if the owner completed meanwhile. The slot stays occupied until
+    /// Runs a claimed callback of generation `gen` that was claimed without
+    /// `STARTED` (a deadline job), if this thread wins `try_start` (the
+    /// job's runner normally does; a sweeper may have taken it over:
+    /// `await_started`): invoke it, wake the waiters `wake` names, and free
+    /// if the owner completed meanwhile. The slot stays occupied until
     /// `finish_cancel`, and the channel alive (the caller's duty).
     pub(crate) fn run_claimed(
         &self,
@@ -485,32 +555,51 @@ impl ChannelShared {
         if !slot.state.try_start(gen) {
             return; // taken over: its thief runs the rest
         }
-        {
-            let _user = UserCode::enter(&self.host);
-            // SAFETY: we won `try_start` on a claimed callback: this thread
-            // alone runs it, until `finish_cancel`.
-            panics.record(unsafe { slot.run_callback(reason) });
-        }
-        // Before `finish_cancel`: the slot cannot be released (and reused)
-        // while we still wake its waiters.
+        let _user = UserCode::enter(&self.host);
+        self.invoke(slot, reason, wake, panics);
+        self.finish_now(slot, panics);
+    }
+
+    /// Invokes a callback whose right to run (`STARTED`) this thread holds,
+    /// then wakes the waiters `wake` names — before the finish, so the slot
+    /// cannot be released (and reused) while we still wake its waiters.
+    /// The caller has entered `UserCode`.
+    #[inline]
+    fn invoke(
+        &self,
+        slot: &CallSlot,
+        reason: CancelReason,
+        wake: Snapshot,
+        panics: &mut FirstPanic,
+    ) {
+        // SAFETY: we hold `STARTED` on a claimed callback (our claim set
+        // it, or we won `try_start`): this thread alone runs it, and its
+        // finish has not happened.
+        panics.record(unsafe { slot.run_callback(reason) });
         panics.record(self.wake_waiters(slot, wake, Some(reason)));
+    }
+
+    /// The unbatched finish: one `finish_cancel` RMW decides whether the
+    /// owner completed while the callback ran; then we free and release.
+    fn finish_now(&self, slot: &CallSlot, panics: &mut FirstPanic) {
         if let AfterCallback::CancellerFrees { word } = slot.state.finish_cancel() {
             // Right after the freer-deciding SeqCst RMW.
             let after = self.after_release_duties();
             panics.record(self.free(slot, true));
             let (panic, keep) = self.release(slot, word, after);
             panics.record(panic);
-            // Callers of `run_claimed` hold an `Arc` of the channel (a
-            // sweep's, a `Canceller`'s, a timer job's): never the last one.
+            // Callers hold an `Arc` of the channel (a sweep's, a
+            // `Canceller`'s, a timer job's): never the last one.
             drop(keep);
         }
     }
 
     /// A sweeper waits until the callback of generation `gen`, decided by
-    /// another thread, has been invoked (A1 for every caller). An inline
-    /// registrar is a few instructions from it (no user code). A *claimed*
-    /// callback not started after a short spin (its claimer preempted, or a
-    /// deadline job queued behind a runner that a callback blocks) is taken
+    /// another thread, has been invoked (A1 for every caller): until a
+    /// runner holds `STARTED`. An inline registrar is a few instructions
+    /// from it (no user code); a sweep or `cancel()` sets it in its claim. A
+    /// callback *claimed* without it (a deadline job queued behind a runner
+    /// that a callback blocks) and not started after a short spin is taken
     /// over and run here, so a sweep never waits on a thread that may be
     /// blocked, possibly on the sweeper itself (A3).
     fn await_started(&self, slot: &CallSlot, gen: u64, panics: &mut FirstPanic) {
@@ -521,7 +610,7 @@ impl ChannelShared {
         let steal_after: u32 = if cfg!(loom) { 1 } else { 128 };
         let mut spins = 0u32;
         loop {
-            // Ordering: Acquire, pairing with `mark_started` / `try_start`.
+            // Ordering: Acquire, pairing with the `STARTED` writers.
             let s = slot.state.load(Ordering::Acquire);
             if !s.is_live(gen) || !s.callback_pending() {
                 return;
@@ -610,9 +699,30 @@ impl ChannelShared {
         // channel are alive until our release below.
         let (prev, after, mut panics) = unsafe {
             let (ch, slot) = (this.as_ref(), slot.as_ref());
-            let Completion::OwnerFrees { prev } = slot.state.complete() else {
-                // A canceller's callback still runs: it frees and releases.
-                return (None, None, None);
+            let prev = match slot.state.complete() {
+                Completion::OwnerFrees { prev } => prev,
+                Completion::CancellerFrees { prev } => {
+                    // A canceller's callback ran at our RMW: it frees and
+                    // releases — unless it was a sweep's, which may have
+                    // returned since (pair 2b): then whoever wins
+                    // `take_free` does.
+                    crate::sync::dekker_fence();
+                    if !slot.callback_returned() {
+                        return (None, None, None);
+                    }
+                    let Some(word) = slot.state.take_free(prev.generation()) else {
+                        return (None, None, None);
+                    };
+                    // Right after the freer-deciding SeqCst RMW.
+                    let after = ch.after_release_duties();
+                    let panic = ch.free(slot, true);
+                    // SAFETY: still ours until the swap inside.
+                    let (panic2, keep) = Self::release_raw(this, NonNull::from(slot), word, after);
+                    let mut panics = FirstPanic::default();
+                    panics.record(panic);
+                    panics.record(panic2);
+                    return (panics.into_inner(), prev.reason(), keep);
+                }
             };
             // Right after the freer-deciding SeqCst RMW.
             let after = ch.after_release_duties();
@@ -825,6 +935,50 @@ pub(crate) struct Claimed {
 /// A strong reference a freer hands up to be dropped once no reference to
 /// the channel is live any more (it may be the last).
 pub(crate) type Keep = Option<Arc<ChannelShared>>;
+
+/// Calls a sweep settles at once ([`ChannelShared::settle`]): one
+/// `fence(SeqCst)` per this many callbacks run.
+pub(crate) const BATCH: usize = 32;
+
+/// The calls whose callbacks a sweep ran and tagged `RETURNED`, not yet
+/// settled (pair 2b). Uninitialised storage: a sweep that runs no callback
+/// (an idle channel's fault) pays nothing for it.
+struct Returned {
+    calls: [MaybeUninit<(NonNull<CallSlot>, u64)>; BATCH],
+    len: usize,
+}
+
+impl Default for Returned {
+    #[inline]
+    fn default() -> Self {
+        Self {
+            calls: [const { MaybeUninit::uninit() }; BATCH],
+            len: 0,
+        }
+    }
+}
+
+impl Returned {
+    /// Adds a call; true if the batch is full (settle it now).
+    #[inline]
+    fn push(&mut self, slot: &CallSlot, gen: u64) -> bool {
+        self.calls[self.len].write((NonNull::from(slot), gen));
+        self.len += 1;
+        self.len == BATCH
+    }
+
+    /// The calls pushed since the last `clear`.
+    fn calls(&self) -> impl Iterator<Item = (NonNull<CallSlot>, u64)> + '_ {
+        self.calls[..self.len].iter().map(|c| {
+            // SAFETY: `push` wrote every entry below `len`.
+            unsafe { c.assume_init() }
+        })
+    }
+
+    fn clear(&mut self) {
+        self.len = 0;
+    }
+}
 
 /// The key of a slot in the overflow lists.
 #[inline]

@@ -148,6 +148,15 @@ impl HostCore {
         self.stripe().cancelled[reason_index(reason)].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// `n` cancellations with `reason` at once (a sweep counts its own once,
+    /// at its end: one RMW per sweep, not per call).
+    pub(crate) fn count_cancels(&self, reason: CancelReason, n: usize) {
+        if n != 0 {
+            // Ordering: Relaxed, as above.
+            self.stripe().cancelled[reason_index(reason)].fetch_add(n as _, Ordering::Relaxed);
+        }
+    }
+
     /// Takes back a cancellation counted for a call that was then refused.
     pub(crate) fn uncount_cancel(&self, reason: CancelReason) {
         // Ordering: Relaxed, as above. Stripes may go below zero alone
