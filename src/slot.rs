@@ -31,8 +31,10 @@
 //! a sweep's callback returned (its batched finish, pair 2b in `state.rs`),
 //! stored `Release` by the sweeper and read `SeqCst` by the owner's
 //! `complete`. One thread writes the word at a time (registrar, then
-//! callback runner, then freer, ordered by the state word), so plain
-//! stores suffice.
+//! callback runner, then freer): the first two hand over through the state
+//! word; the runner hands the word (and the cell) to an owner that frees
+//! through the tag itself, read after the owner's own RMW, and to itself
+//! as freer through `take_free`. So stores, not RMWs, suffice.
 
 use core::mem::{align_of, size_of, ManuallyDrop, MaybeUninit};
 use core::ptr;
@@ -213,7 +215,9 @@ pub(crate) struct CallSlot {
     cell: UnsafeCell<Buf>,
     /// How to use `cell`: null until the registrar has written it. Published
     /// with `Release` after the write, read with `Acquire` before any use,
-    /// reset to null by the freer before `release`.
+    /// tagged `RETURNED` by a sweep whose callback returned (pair 2b),
+    /// reset to null by the freer before `release`. See "The vtable
+    /// pointer's word" in the module docs.
     vtable: AtomicPtr<VTable>,
     pub(crate) waker: AtomicWaker,
 }
@@ -319,10 +323,12 @@ impl CallSlot {
     /// Runs the cancel callback, catching a panic.
     ///
     /// # Safety
-    /// The caller holds the right to run the callback: it won
-    /// `CallState::try_start` on a claimed callback, or it is the registrar
-    /// whose `publish_registration` returned `RunInline` (after storing and
-    /// `mark_started`); and the claim's `finish_cancel` has not run yet.
+    /// The caller holds the right to run the callback (`STARTED`): its claim
+    /// took it (`request_cancel` with `run_now`), it won
+    /// `CallState::try_start` on a callback claimed without it, or it is the
+    /// registrar whose `publish_registration` returned `RunInline` (after
+    /// storing and `mark_started`); and the claim is not finished yet
+    /// (neither `finish_cancel` nor the `RETURNED` tag).
     pub(crate) unsafe fn run_callback(&self, reason: CancelReason) -> Option<Panic> {
         let vtable = self.published();
         self.cell.with_mut(|buf| {
@@ -338,8 +344,9 @@ impl CallSlot {
     ///
     /// # Safety
     /// The caller is the freer of the current generation (its `complete`
-    /// returned `OwnerFrees` for a registered call or its `finish_cancel`
-    /// returned `CancellerFrees`) and has not yet called `release`.
+    /// returned `OwnerFrees` for a registered call, its `finish_cancel`
+    /// returned `CancellerFrees`, or it won `take_free`) and has not yet
+    /// called `release`.
     pub(crate) unsafe fn free_registration(&self, cancel_ran: bool) -> Option<Panic> {
         // The registration returned (owner) or the callback ran (canceller):
         // either way the vtable is published.

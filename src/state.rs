@@ -43,7 +43,8 @@
 //!      │ makes it run the duties)     REGISTERED             STARTED and runs the callback (R4)
 //!      │          request_cancel:        │   │
 //!      │          CANCELLED|CLAIMED      │   │ complete (owner): COMPLETED → owner frees
-//!      │          → mark_started         ▼   ▼
+//!      │          |STARTED (run_now),    ▼   ▼
+//!      │          or try_start later
 //!      │          → callback        CLAIMED|STARTED   COMPLETED ──▶ owner frees, then release
 //!      │                  complete │     │ finish_cancel
 //!      │                           ▼     ▼
@@ -55,7 +56,7 @@
 //! ```
 //!
 //! A sweep (fault, abort) does not `finish_cancel`: after the callback it
-//! tags the slot's vtable pointer `RETURNED` with a plain store, and settles
+//! tags the slot's vtable pointer `RETURNED` (a `Release` store, no RMW), and settles
 //! the calls of its batch behind one fence (pair 2b below):
 //!
 //! ```text
@@ -97,7 +98,17 @@
 //!   claimed, not `CB_DONE`" of the same generation); one wins and frees.
 //!   The tag's `Release` store and the CAS's acquire hand the cell over.
 //!   Nothing waits: an owner that sees no tag returns at once (R3's "no
-//!   blocking on a running callback").
+//!   blocking on a running callback"). Because it reads the slot after an
+//!   RMW that may have handed the free over, an owner whose word shows a
+//!   claimed callback running pins the channel and the slot's segment (a
+//!   strong reference, a counted walk) *before* that RMW
+//!   ([`CallState::try_complete`] commits from the word it read).
+//!   Promptness: the sweeper re-reads each call right after its tag
+//!   (without the fence) and frees at once a completion it sees there (one
+//!   made before or inside the callback); only an owner completing in the
+//!   instant between that re-read and the tag becoming visible to it has
+//!   its free-state run at the batch's settle: after at most 31 more
+//!   callbacks of the same sweep, and before the sweep returns.
 //! * `release` swaps in the next generation (`SeqCst`, so at least
 //!   release); the next `try_occupy` (`SeqCst` CAS) reads it and so sees the
 //!   emptied cell. (Pair 3.)
@@ -205,6 +216,13 @@ impl Snapshot {
     #[inline]
     pub(crate) fn callback_pending(self) -> bool {
         self.0 & (OCCUPIED | REGISTERED | CANCELLED | STARTED) == OCCUPIED | REGISTERED | CANCELLED
+    }
+    /// A canceller claimed the callback and has not finished it
+    /// (`finish_cancel` / `take_free` not yet): an owner completing now
+    /// hands it the free.
+    #[inline]
+    pub(crate) fn callback_running(self) -> bool {
+        self.0 & (CLAIMED | CB_DONE) == CLAIMED
     }
     /// The same word with no waiter bits (nothing to wake).
     #[inline]
@@ -576,17 +594,48 @@ impl CallState {
     /// Ordering: one `SeqCst` RMW sets `COMPLETED`, pairing with
     /// `finish_cancel` (pair 2), and with the idle waiters and the last
     /// channel handle (module docs).
+    #[cfg(test)]
     pub(crate) fn complete(&self) -> Completion {
-        let prev = Snapshot(self.word.fetch_or(COMPLETED, Ordering::SeqCst));
-        // Mutant (ci/mutants.sh): free while the callback still runs.
-        if prev.has(CLAIMED)
-            && !prev.has(CB_DONE)
-            && !cfg!(callcancel_mutant = "complete_ignores_claim")
-        {
-            Completion::CancellerFrees { prev }
-        } else {
-            Completion::OwnerFrees { prev }
+        let mut cur = self.load(Ordering::Relaxed);
+        loop {
+            match self.try_complete(cur) {
+                Ok(done) => return done,
+                Err(now) => cur = now,
+            }
         }
+    }
+
+    /// [`CallState::complete`] from `cur`, the word as the owner last read
+    /// it, as one `SeqCst` CAS: `Err(now)` if the word changed meanwhile (a
+    /// claim, a waiter), and the owner decides again from `now`. The owner
+    /// reads the word before committing so that, when a claimed callback
+    /// runs (`Snapshot::callback_running`), it can keep the slot and the
+    /// channel alive *before* the RMW that may hand the free to the
+    /// canceller (`ChannelShared::complete`, pair 2b). (An x86 `fetch_or`
+    /// whose result is used is the same load and CAS loop.)
+    ///
+    /// Ordering: the CAS is the `SeqCst` RMW of [`CallState::complete`];
+    /// the failure load is Relaxed (only the next attempt's CAS counts).
+    #[inline]
+    pub(crate) fn try_complete(&self, cur: Snapshot) -> Result<Completion, Snapshot> {
+        debug_assert!(cur.is_occupied() && !cur.is_completed());
+        if let Err(now) = self.word.compare_exchange_weak(
+            cur.0,
+            cur.0 | COMPLETED,
+            Ordering::SeqCst,
+            Ordering::Relaxed,
+        ) {
+            return Err(Snapshot(now));
+        }
+        let prev = cur;
+        // Mutant (ci/mutants.sh): free while the callback still runs.
+        Ok(
+            if prev.callback_running() && !cfg!(callcancel_mutant = "complete_ignores_claim") {
+                Completion::CancellerFrees { prev }
+            } else {
+                Completion::OwnerFrees { prev }
+            },
+        )
     }
 
     /// The batched finish's arbitration (pair 2b): a sweeping canceller

@@ -254,3 +254,52 @@ fn aborts_and_faults_from_many_threads_and_from_callbacks_repeatedly() {
         }
     });
 }
+
+/// Review of e7f3db5 (medium): a call whose callback completes it (its
+/// owner finishes inside the callback) is freed as soon as that callback
+/// returns, not when the sweep settles its batch later on: a later
+/// callback of the same sweep that waits for the earlier call's
+/// free-state (a permit it hands back) gets it. Failed (the later
+/// callback timed out) while the sweep deferred every such free.
+#[test]
+fn a_call_completed_inside_its_callback_is_freed_before_the_next_callback() {
+    use std::sync::mpsc;
+
+    let host = ServiceHost::new();
+    let ch = host.open_channel().unwrap();
+    let first = ch.begin_call().unwrap();
+    let second = ch.begin_call().unwrap();
+    let first_owner: Arc<Mutex<Option<callcancel::Call>>> = Arc::default();
+    let (permit_tx, permit_rx) = mpsc::channel::<()>();
+    let (got_tx, got_rx) = mpsc::channel::<bool>();
+    let owner = Arc::clone(&first_owner);
+    first
+        .register_for_cancel_with_free(
+            (),
+            move |_, _| owner.lock().unwrap().take().unwrap().complete(),
+            move |()| permit_tx.send(()).unwrap(),
+        )
+        .unwrap();
+    let permit_rx = Mutex::new(permit_rx);
+    second
+        .register_for_cancel_with_free(
+            (),
+            move |_, _| {
+                let got = permit_rx
+                    .lock()
+                    .unwrap()
+                    .recv_timeout(Duration::from_secs(5));
+                got_tx.send(got.is_ok()).unwrap();
+            },
+            |()| {},
+        )
+        .unwrap();
+    *first_owner.lock().unwrap() = Some(first);
+    ch.fault();
+    assert!(
+        got_rx.recv().unwrap(),
+        "the first call's free-state waited for the sweep"
+    );
+    second.complete();
+    assert_eq!(host.in_flight(), 0);
+}

@@ -390,7 +390,7 @@ impl ChannelShared {
     ///
     /// Per call this sweep claims (one CAS, which also takes the right to
     /// run: `STARTED`), runs the callback, and tags the vtable pointer
-    /// `RETURNED` with a plain store; the hand-off to an owner that
+    /// `RETURNED` (a `Release` store, no RMW); the hand-off to an owner that
     /// completed meanwhile is settled for up to [`BATCH`] calls at once,
     /// behind one `fence(SeqCst)` ([`ChannelShared::settle`], pair 2b in
     /// `state.rs`). Cancellations are counted once per sweep, and the
@@ -398,48 +398,72 @@ impl ChannelShared {
     pub(crate) fn sweep(&self, reason: CancelReason, panics: &mut FirstPanic) {
         let walk = self.slab.scan();
         let mut occupied = 0;
-        let mut decided = 0;
-        let mut returned = Returned::default();
-        let mut user: Option<UserCode> = None;
+        let mut sweep = Sweep {
+            reason,
+            decided: 0,
+            returned: Returned::default(),
+            user: None,
+            panics,
+        };
+        // The closure stays small (inlined into the walk: a fault of an
+        // idle channel pays a load per slot); an occupied slot goes out
+        // of line.
         self.slab.for_each_slot(&walk, |slot| {
             // Ordering: SeqCst, second half of the R4 Dekker pair.
             let snap = slot.state.load(Ordering::SeqCst);
-            if !snap.is_occupied() {
-                return;
-            }
-            occupied += 1;
-            let gen = snap.generation();
-            let now = if snap.is_cancelled() || snap.is_completed() {
-                snap
-            } else {
-                match slot.state.request_cancel(gen, reason, true) {
-                    CancelOutcome::Skipped { now } => now,
-                    CancelOutcome::Marked { wake } => {
-                        decided += 1;
-                        panics.record(self.wake_waiters(slot, wake, Some(reason)));
-                        return;
-                    }
-                    CancelOutcome::Claimed { wake } => {
-                        decided += 1;
-                        user.get_or_insert_with(|| UserCode::enter(&self.host));
-                        self.invoke(slot, reason, wake, panics);
-                        slot.mark_returned();
-                        if returned.push(slot, gen) {
-                            self.settle(&mut returned, panics);
-                        }
-                        return;
-                    }
-                }
-            };
-            if now.callback_pending() {
-                self.await_started(slot, gen, panics);
+            if snap.is_occupied() {
+                occupied += 1;
+                self.sweep_occupied(slot, snap, &mut sweep);
             }
         });
-        self.settle(&mut returned, panics);
-        drop(user);
-        self.host.count_cancels(reason, decided);
+        // In place: the batch is 512 bytes, not to be moved.
+        self.settle(&mut sweep.returned, sweep.panics);
+        drop(sweep.user.take());
+        self.host.count_cancels(reason, sweep.decided);
         // Cost follows the live load: give back a burst's segments.
         self.slab.shrink(&walk, occupied);
+    }
+
+    /// One occupied slot of a sweep (`snap`: its word as the sweep read it).
+    #[inline(never)]
+    fn sweep_occupied(&self, slot: &CallSlot, snap: Snapshot, sweep: &mut Sweep<'_>) {
+        let gen = snap.generation();
+        let now = if snap.is_cancelled() || snap.is_completed() {
+            snap
+        } else {
+            match slot.state.request_cancel(gen, sweep.reason, true) {
+                CancelOutcome::Skipped { now } => now,
+                CancelOutcome::Marked { wake } => {
+                    sweep.decided += 1;
+                    sweep
+                        .panics
+                        .record(self.wake_waiters(slot, wake, Some(sweep.reason)));
+                    return;
+                }
+                CancelOutcome::Claimed { wake } => {
+                    sweep.decided += 1;
+                    sweep
+                        .user
+                        .get_or_insert_with(|| UserCode::enter(&self.host));
+                    self.invoke(slot, sweep.reason, wake, sweep.panics);
+                    slot.mark_returned();
+                    // An owner whose completion we can see already (it
+                    // completed before or inside the callback) is settled
+                    // now, not behind later callbacks; only a completion
+                    // racing these few instructions waits for the batch's
+                    // fence.
+                    if slot.state.completed_unfinished(gen) {
+                        self.free_returned(slot, gen, sweep.panics);
+                    } else if sweep.returned.push(slot, gen) {
+                        self.settle(&mut sweep.returned, sweep.panics);
+                    }
+                    return;
+                }
+            }
+        };
+        if now.callback_pending() {
+            self.await_started(slot, gen, sweep.panics);
+        }
     }
 
     /// The sweeper's side of the batched finish (pair 2b in `state.rs`):
@@ -463,20 +487,26 @@ impl ChannelShared {
             // SAFETY: the sweep's walk (still alive) keeps the segment, and
             // with it the slot, allocated; `CallState` is all atomics.
             let slot = unsafe { slot.as_ref() };
-            if !slot.state.completed_unfinished(gen) {
-                continue; // the owner frees at completion, or did
-            }
-            if let Some(word) = slot.state.take_free(gen) {
-                // Right after the freer-deciding SeqCst RMW.
-                let after = self.after_release_duties();
-                panics.record(self.free(slot, true));
-                let (panic, keep) = self.release(slot, word, after);
-                panics.record(panic);
-                // The sweep's caller holds a strong reference: never the last.
-                drop(keep);
-            }
+            if slot.state.completed_unfinished(gen) {
+                self.free_returned(slot, gen, panics);
+            } // else the owner frees at completion, or did
         }
         returned.clear();
+    }
+
+    /// A swept call whose owner completed while its callback ran: free it,
+    /// if `take_free` says we are the freer (the owner may have seen our
+    /// tag and asked too).
+    fn free_returned(&self, slot: &CallSlot, gen: u64, panics: &mut FirstPanic) {
+        if let Some(word) = slot.state.take_free(gen) {
+            // Right after the freer-deciding SeqCst RMW.
+            let after = self.after_release_duties();
+            panics.record(self.free(slot, true));
+            let (panic, keep) = self.release(slot, word, after);
+            panics.record(panic);
+            // The sweep's caller holds a strong reference: never the last.
+            drop(keep);
+        }
     }
 
     /// Cancels generation `gen` of `slot` alone with `reason`: decide, run
@@ -696,33 +726,27 @@ impl ChannelShared {
         slot: NonNull<CallSlot>,
     ) -> (Option<Panic>, Option<CancelReason>, Keep) {
         // SAFETY: per the contract the call occupies the slot: slot and
-        // channel are alive until our release below.
+        // channel are alive until our release below, or until our RMW hands
+        // the free to a canceller (from then on only `pinned` keeps them).
         let (prev, after, mut panics) = unsafe {
             let (ch, slot) = (this.as_ref(), slot.as_ref());
-            let prev = match slot.state.complete() {
-                Completion::OwnerFrees { prev } => prev,
-                Completion::CancellerFrees { prev } => {
-                    // A canceller's callback ran at our RMW: it frees and
-                    // releases — unless it was a sweep's, which may have
-                    // returned since (pair 2b): then whoever wins
-                    // `take_free` does.
-                    crate::sync::dekker_fence();
-                    if !slot.callback_returned() {
-                        return (None, None, None);
-                    }
-                    let Some(word) = slot.state.take_free(prev.generation()) else {
-                        return (None, None, None);
-                    };
-                    // Right after the freer-deciding SeqCst RMW.
-                    let after = ch.after_release_duties();
-                    let panic = ch.free(slot, true);
-                    // SAFETY: still ours until the swap inside.
-                    let (panic2, keep) = Self::release_raw(this, NonNull::from(slot), word, after);
-                    let mut panics = FirstPanic::default();
-                    panics.record(panic);
-                    panics.record(panic2);
-                    return (panics.into_inner(), prev.reason(), keep);
+            // The usual case in one CAS; a claimed callback running, or a
+            // word that changed under us, goes out of line.
+            let cur = slot.state.load(Ordering::Relaxed);
+            let fast = if cur.callback_running() {
+                None
+            } else {
+                match slot.state.try_complete(cur) {
+                    Ok(Completion::OwnerFrees { prev }) => Some(prev),
+                    _ => None,
                 }
+            };
+            let prev = match fast {
+                Some(prev) => prev,
+                None => match Self::complete_contended(this, slot) {
+                    Ok(prev) => prev,
+                    Err(handed_over) => return handed_over,
+                },
             };
             // Right after the freer-deciding SeqCst RMW.
             let after = ch.after_release_duties();
@@ -741,11 +765,84 @@ impl ChannelShared {
         (panics.into_inner(), prev.reason(), keep)
     }
 
+    /// `complete`'s slow path: a claimed callback runs (or ran), or the
+    /// word changed between the owner's load and its CAS. `Ok(prev)`: the
+    /// owner frees (as in `complete`); `Err(result)`: the RMW handed the
+    /// free to a canceller, and `result` is what `complete` returns.
+    ///
+    /// # Safety
+    /// As for [`ChannelShared::complete`].
+    #[cold]
+    #[inline(never)]
+    unsafe fn complete_contended(
+        this: NonNull<Self>,
+        slot: &CallSlot,
+    ) -> Result<Snapshot, (Option<Panic>, Option<CancelReason>, Keep)> {
+        // SAFETY: the call occupies the slot, so the keepalive is held:
+        // the channel is alive until our RMW hands the free over, and from
+        // then on through `pinned`.
+        let ch = unsafe { this.as_ref() };
+        let mut cur = slot.state.load(Ordering::Relaxed);
+        loop {
+            // A claimed callback runs: our RMW may hand the free to its
+            // canceller, after which we still read the slot (pair 2b).
+            // Keep the channel (and so its slab) and the slot's segment (a
+            // counted walk) alive across it, taken *before* the RMW.
+            let pinned = cur.callback_running().then(|| {
+                // SAFETY: before our RMW the slot is occupied, so the
+                // keepalive is held and `this` is its pointer.
+                unsafe { Self::hold(this.as_ptr()) }
+            });
+            let walk = pinned.as_ref().map(|_| ch.slab.walk());
+            match slot.state.try_complete(cur) {
+                Ok(Completion::OwnerFrees { prev }) => return Ok(prev),
+                Ok(Completion::CancellerFrees { prev }) => {
+                    // `prev` is `cur`, whose callback ran: pinned.
+                    let Some(held) = pinned else {
+                        return Err((None, None, None));
+                    };
+                    let panic = held.complete_handed_over(slot, prev);
+                    drop(walk);
+                    return Err((panic, prev.reason(), Some(held)));
+                }
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// The owner's side of pair 2b, after its `complete` RMW (`prev`, the
+    /// word it replaced) found a canceller's callback running: if that was
+    /// a sweep's, it may have returned already (the `RETURNED` tag), and
+    /// then whoever wins `take_free` frees — us, if the sweep's re-read
+    /// missed our `COMPLETED`. The caller holds a strong reference and a
+    /// counted walk taken before the RMW: the slot may be released (and
+    /// reused) under us, never freed.
+    #[cold]
+    fn complete_handed_over(&self, slot: &CallSlot, prev: Snapshot) -> Option<Panic> {
+        #[cfg(all(test, not(loom)))]
+        tests::after_handoff();
+        crate::sync::dekker_fence();
+        if !slot.callback_returned() {
+            return None; // still running: its canceller frees
+        }
+        let word = slot.state.take_free(prev.generation())?;
+        // Right after the freer-deciding SeqCst RMW.
+        let after = self.after_release_duties();
+        let mut panics = FirstPanic::default();
+        panics.record(self.free(slot, true));
+        let (panic, keep) = self.release(slot, word, after);
+        panics.record(panic);
+        // Our caller's pinned reference outlives this: never the last.
+        drop(keep);
+        panics.into_inner()
+    }
+
     /// Runs a registration's free-state (the caller is the freer).
     fn free(&self, slot: &CallSlot, cancel_ran: bool) -> Option<Panic> {
         let _user = UserCode::enter(&self.host);
         // SAFETY: the caller's `complete` returned `OwnerFrees` for a
-        // registered call, or its `finish_cancel` returned `CancellerFrees`.
+        // registered call, its `finish_cancel` returned `CancellerFrees`, or
+        // it won `take_free`.
         unsafe { slot.free_registration(cancel_ran) }
     }
 
@@ -801,8 +898,9 @@ impl ChannelShared {
 
     /// Hands a finished slot back (`word`: the word as the freer knows it)
     /// and runs the release duties the freer saw (`duties`) or was handed
-    /// (`DUTY`). For freers whose caller
-    /// holds a strong reference (`run_claimed`); the owner uses
+    /// (`DUTY`). For freers whose caller holds a strong reference (a
+    /// canceller's `finish_now`, a sweep's `free_returned`, an owner that
+    /// pinned the channel in `complete_handed_over`); the owner otherwise uses
     /// [`ChannelShared::release_raw`] through `complete`.
     #[must_use]
     #[inline]
@@ -940,6 +1038,17 @@ pub(crate) type Keep = Option<Arc<ChannelShared>>;
 /// `fence(SeqCst)` per this many callbacks run.
 pub(crate) const BATCH: usize = 32;
 
+/// What a sweep carries from slot to slot.
+struct Sweep<'p> {
+    reason: CancelReason,
+    /// Cancellations decided, counted once at the end (P6).
+    decided: u64,
+    returned: Returned,
+    /// Entered at the first callback, left at the end.
+    user: Option<UserCode>,
+    panics: &'p mut FirstPanic,
+}
+
 /// The calls whose callbacks a sweep ran and tagged `RETURNED`, not yet
 /// settled (pair 2b). Uninitialised storage: a sweep that runs no callback
 /// (an idle channel's fault) pays nothing for it.
@@ -997,5 +1106,80 @@ impl Drop for ChannelShared {
             // retired once, here.
             unsafe { entry.retire() };
         }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use std::cell::RefCell;
+    use std::sync::{mpsc, Arc, Mutex};
+    use std::thread;
+
+    use crate::ServiceHost;
+
+    thread_local! {
+        /// Runs on the owner's thread right after its `complete` RMW handed
+        /// the free to a canceller, before it reads the slot again.
+        static AFTER_HANDOFF: RefCell<Option<Box<dyn FnOnce()>>> = const { RefCell::new(None) };
+    }
+
+    pub(super) fn after_handoff() {
+        if let Some(hook) = AFTER_HANDOFF.with(|h| h.borrow_mut().take()) {
+            hook();
+        }
+    }
+
+    /// Review of e7f3db5 (high): after its `complete` RMW handed the free
+    /// to a sweep whose callback ran, the owner reads the slot's tag; by
+    /// then the sweep may have settled, freed, released, disposed of the
+    /// orphaned channel and dropped it, and its thread may have exited
+    /// (freeing its spare first block). The owner now keeps the channel
+    /// and the slot's segment alive from before that RMW. The hook makes
+    /// the owner wait, right after the RMW, until all of that happened;
+    /// miri (`ci/miri.sh`, `--lib`) reported the use after free without
+    /// the pin.
+    #[test]
+    fn the_owner_keeps_a_handed_over_slot_alive() {
+        let host = ServiceHost::new();
+        let ch = host.open_channel().unwrap();
+        let call = ch.begin_call().unwrap();
+        let (entered_tx, entered_rx) = mpsc::channel::<()>();
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let go_rx = Mutex::new(go_rx);
+        let freed = Arc::new(Mutex::new(0));
+        let f = Arc::clone(&freed);
+        call.register_for_cancel_with_free(
+            (),
+            move |_, _| {
+                entered_tx.send(()).unwrap();
+                go_rx.lock().unwrap().recv().unwrap();
+            },
+            move |()| *f.lock().unwrap() += 1,
+        )
+        .unwrap();
+        // The sweep, then the last handle's drop, on a thread that exits.
+        let sweeper = thread::spawn(move || {
+            ch.fault();
+            drop(ch);
+        });
+        entered_rx.recv().unwrap();
+        let owner = thread::spawn(move || {
+            AFTER_HANDOFF.with(|h| {
+                *h.borrow_mut() = Some(Box::new(move || {
+                    // The callback returns; the sweep settles (it sees our
+                    // COMPLETED), frees and releases; its thread exits.
+                    go_tx.send(()).unwrap();
+                    sweeper.join().unwrap();
+                }));
+            });
+            call.complete();
+            // The hook ran: the owner did hand the free over.
+            assert!(AFTER_HANDOFF.with(|h| h.borrow().is_none()));
+        });
+        owner.join().unwrap();
+        assert_eq!(*freed.lock().unwrap(), 1, "freed once");
+        let stats = host.stats();
+        assert_eq!(stats.in_flight, 0);
+        assert_eq!(stats.channels, 0, "the orphaned channel is disposed");
     }
 }

@@ -4,7 +4,8 @@
 //! * A call begun with a deadline arms one entry naming its channel, slot and
 //!   generation (O(1), one shard lock: no host-wide lock). When it expires,
 //!   the timer thread cancels that generation with `DeadlineExceeded`
-//!   through the same `cancel_slot` as every other reason (R1–R6 hold), and
+//!   through `decide_cancel`, the same claim as every other reason (R1–R6
+//!   hold), handing the callback to a runner thread, and
 //!   never before the deadline (the wheel compares exact instants).
 //! * The call's completion disarms the entry *before* it completes (O(1)):
 //!   a call that completes first leaves nothing in the timer. If the timer

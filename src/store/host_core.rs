@@ -150,10 +150,10 @@ impl HostCore {
 
     /// `n` cancellations with `reason` at once (a sweep counts its own once,
     /// at its end: one RMW per sweep, not per call).
-    pub(crate) fn count_cancels(&self, reason: CancelReason, n: usize) {
+    pub(crate) fn count_cancels(&self, reason: CancelReason, n: u64) {
         if n != 0 {
             // Ordering: Relaxed, as above.
-            self.stripe().cancelled[reason_index(reason)].fetch_add(n as _, Ordering::Relaxed);
+            self.stripe().cancelled[reason_index(reason)].fetch_add(n, Ordering::Relaxed);
         }
     }
 

@@ -13,6 +13,17 @@ pub(crate) fn catch(f: impl FnOnce()) -> Option<Panic> {
     panic::catch_unwind(AssertUnwindSafe(f)).err()
 }
 
+/// Drops a panic payload that is not kept; a payload whose own drop
+/// panics is forgotten instead (leaked), so that the protocol step that
+/// caught it still completes: a sweep never unwinds with its batch of
+/// callbacks unsettled (pair 2b), nor a freer before its release.
+#[cold]
+fn drop_quietly(p: Panic) {
+    if let Some(again) = catch(move || drop(p)) {
+        core::mem::forget(again);
+    }
+}
+
 /// The first panic caught during a sweep; later ones are dropped (A4).
 #[derive(Default)]
 pub(crate) struct FirstPanic(Option<Panic>);
@@ -20,8 +31,12 @@ pub(crate) struct FirstPanic(Option<Panic>);
 impl FirstPanic {
     #[inline]
     pub(crate) fn record(&mut self, p: Option<Panic>) {
-        if self.0.is_none() {
-            self.0 = p;
+        if let Some(p) = p {
+            if self.0.is_none() {
+                self.0 = Some(p);
+            } else {
+                drop_quietly(p);
+            }
         }
     }
 

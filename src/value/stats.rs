@@ -6,8 +6,10 @@ use crate::CancelReason;
 /// [`ServiceHost::stats`](crate::ServiceHost::stats).
 ///
 /// Counters are counted off the hot path (a begin, register and complete
-/// that nobody cancels touches none of them). A snapshot taken while a sweep
-/// runs may include some of the sweep's cancellations and not others.
+/// that nobody cancels touches none of them). A sweep (`fault`, `abort`)
+/// counts its cancellations once, when it is done with its channel: a
+/// snapshot taken while a sweep runs (also from inside one of its
+/// callbacks) may not include them yet.
 /// Counters only grow, with one exception: a call that a sweep marked while
 /// its own `begin_call` was refusing it (it never reached the user) is
 /// counted and then taken back, so a snapshot in between may show it.
@@ -50,10 +52,12 @@ pub struct HostStats {
 }
 
 impl HostStats {
-    /// Calls cancelled with `reason`, counted when the cancellation was
-    /// decided (whether or not the call had registered a callback): right
-    /// after the deciding RMW, so a snapshot taken at that instant, even by
-    /// a thread that already sees `cancel_reason()`, may not include it yet.
+    /// Calls cancelled with `reason`, whether or not the call had registered
+    /// a callback. Counted after the deciding RMW: by `cancel()` and a
+    /// deadline right after it, by a sweep when it is done with the
+    /// channel (one count per sweep, not per call). A snapshot taken in
+    /// between, even by a thread that already sees `cancel_reason()`, may
+    /// not include it yet.
     pub fn cancelled(&self, reason: CancelReason) -> u64 {
         self.cancelled[reason_index(reason)]
     }
