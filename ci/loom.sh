@@ -51,6 +51,7 @@ loom cancel_per_call cancel_vs_fault 3
 loom cancel_per_call canceller_vs_complete_and_reuse 3
 loom deadline deadline_vs_complete_and_reuse 3
 loom deadline deadline_vs_cancel 3
+loom deadline fault_waits_for_a_claimed_deadline_job 3
 loom shrink stale_canceller_vs_shrink 3
 loom review two_freers_last_handle_and_idle_waiter 3
 loom review canceller_frees_vs_last_handle 3

@@ -17,8 +17,11 @@
 #   no_waker_recheck       src/waiter.rs:  WaitState::poll returns Pending right after
 #                                          registering the waker (lost wake-up)
 #   no_started_wait        src/engine/channel.rs: ChannelShared::await_started returns at once:
-#                                          a losing sweeper returns before the
-#                                          callback another one claimed started (A1)
+#                                          a sweeper returns before a callback a
+#                                          deadline job claimed (without STARTED)
+#                                          started (A1); sweeps and cancel() take
+#                                          STARTED in their claim, so no sweeper
+#                                          waits on them
 #   watch_primary          src/wait/cancel.rs: a CancelWatch future may take the
 #                                          slot's waker (lost wake-up after reuse)
 #   canceller_current_gen  src/call.rs:    Canceller::cancel cancels whatever call
@@ -38,6 +41,12 @@
 #                                          no: an owner completing after the
 #                                          sweeper's re-check leaves the free to
 #                                          nobody (pair 2b, a leak)
+#   owner_no_walk          src/engine/channel.rs: OwnerPin takes no slab walk: a handed-over
+#                                          slot in segment 1 may be freed under the
+#                                          owner (miri: use after free)
+#   no_immediate_free      src/engine/channel.rs: a sweep batches even a completion it
+#                                          sees right after the callback: a later
+#                                          callback waits for that free (native test)
 #   no_duty                src/state.rs:   CallState::request_duty never hands the
 #                                          release duties over (orphan leak,
 #                                          idle waiter never woken)
@@ -55,7 +64,7 @@ complete_ignores_claim cancel_vs_complete cancel_vs_complete_while_callback_runs
 relaxed_publish register_vs_abort register_vs_host_abort
 no_recheck begin_call_vs_abort begin_call_vs_host_abort
 no_waker_recheck cancelled_future cancelled_future_vs_abort
-no_started_wait two_aborts two_faults_with_a_parked_watch
+no_started_wait deadline fault_waits_for_a_claimed_deadline_job
 watch_primary watch_reuse watch_repolled_across_slot_reuse
 no_duty orphan last_handle_vs_finishing_free
 canceller_current_gen cancel_per_call canceller_vs_complete_and_reuse
@@ -100,6 +109,51 @@ while read -r name file test bound; do
   fi
   report+=$(printf '%-24s %-42s %-9s %s' "$name" "$test" "$status" "$why")$'\n'
 done <<<"$mutants"
+
+# Mutants that loom cannot see (a free of std-allocated memory, a free
+# that is only late): a test that must fail, run by miri or natively.
+# mutant tool target test
+test_mutants="
+owner_no_walk miri --lib engine::channel::tests::the_owner_keeps_a_handed_over_slot_of_segment_1_alive
+no_immediate_free native --test=a3_reentrant a_call_completed_inside_its_callback_is_freed_before_the_next_callback
+"
+
+run_test() { # flags tool target test -> exit status of the test
+  local out rc
+  if [[ $2 == miri ]]; then
+    out=$(RUSTFLAGS="$1" CARGO_TARGET_DIR="$CARGO_TARGET_DIR/miri" \
+      MIRIFLAGS="-Zmiri-tree-borrows -Zmiri-permissive-provenance -Zmiri-ignore-leaks" \
+      cargo +nightly miri test -q -p callcancel "$3" -- --exact "$4" 2>&1)
+  else
+    out=$(RUSTFLAGS="$1" CARGO_TARGET_DIR="$CARGO_TARGET_DIR/native" \
+      cargo test -q -p callcancel "$3" -- --exact "$4" 2>&1)
+  fi
+  rc=$?
+  why=$(grep -m1 -E 'Undefined Behavior|panicked' -A1 <<<"$out" | tail -1 | cut -c1-70)
+  return $rc
+}
+
+while read -r name tool target test; do
+  [[ -z $name ]] && continue
+  [[ -n $filter && ! $name =~ $filter ]] && continue
+  if [[ $tool == miri ]] && ! cargo +nightly miri --version >/dev/null 2>&1; then
+    report+=$(printf '%-24s %-42s %-9s %s' "$name" "${test:0:42}" SKIPPED "no nightly miri")$'\n'
+    continue
+  fi
+  echo "::: mutant $name -> $tool $target $test"
+  if ! run_test "" "$tool" "$target" "$test"; then
+    echo "baseline test $test fails on unmutated code: $why" >&2
+    exit 2
+  fi
+  if run_test "--cfg callcancel_mutant=\"$name\"" "$tool" "$target" "$test"; then
+    status=SURVIVED
+    survived=1
+    why="-"
+  else
+    status=caught
+  fi
+  report+=$(printf '%-24s %-42s %-9s %s' "$name" "${test:0:42}" "$status" "$why")$'\n'
+done <<<"$test_mutants"
 
 echo
 printf '%-24s %-42s %-9s %s\n' mutant model result "how"

@@ -34,7 +34,7 @@ use crate::Error;
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct Channel {
-    shared: Arc<ChannelShared>,
+    pub(crate) shared: Arc<ChannelShared>,
 }
 
 impl Clone for Channel {

@@ -26,7 +26,7 @@
 //! | `CLAIMED` | a canceller owns the callback | the same CAS, when `REGISTERED` is set | implies `CANCELLED` and `REGISTERED` |
 //! | `STARTED` | the callback is invoked (A1): the right to run it is taken, and its runner invokes it next, with no user code and nothing to wait for but the registrar's publication (pair 1) | the claim CAS itself when the canceller runs the callback at once (a sweep, `cancel()`: `run_now`); [`CallState::try_start`] on a job claimed without it (a deadline runner, or a sweeper taking the job over); the inline registrar ([`CallState::mark_started`]) | implies `CANCELLED` and `REGISTERED`; losing sweepers wait for it (`ChannelShared::await_started`); nobody takes a started callback over |
 //! | `CB_DONE` | the claimed callback returned *and* the freer is decided | [`CallState::finish_cancel`] (one RMW after the callback), or [`CallState::take_free`] (a sweep's batched finish, pair 2b) | implies `CLAIMED` |
-//! | `COMPLETED` | the owner completed the call | [`CallState::complete`] | afterwards only the freer writes the word, plus a `DUTY` request |
+//! | `COMPLETED` | the owner completed the call | [`CallState::try_complete`] | afterwards only the freer writes the word, plus a `DUTY` request |
 //! | `WAITER` | the primary `cancelled()` future parked in the slot's `AtomicWaker` | [`CallState::announce_waiter`] | cleared by a dropped primary ([`CallState::withdraw_waiter`]) or the release |
 //! | `OVERFLOW` | futures parked in the channel's overflow list | [`CallState::announce_waiter`] | cleared by the release |
 //! | `RETIRED` | a free slot of a segment being given back (`store/slab.rs`) | [`CallState::try_retire`] (CAS, only while free) | `try_occupy` fails on it; only the retiring census clears it again |
@@ -107,8 +107,13 @@
 //!   (without the fence) and frees at once a completion it sees there (one
 //!   made before or inside the callback); only an owner completing in the
 //!   instant between that re-read and the tag becoming visible to it has
-//!   its free-state run at the batch's settle: after at most 31 more
-//!   callbacks of the same sweep, and before the sweep returns.
+//!   its free-state run at the batch's settle: later in the same sweep
+//!   (after at most 31 more of its own callbacks, plus any deadline job it
+//!   takes over and the free-states and wakers it runs meanwhile), and
+//!   always before the sweep returns. So a cancel callback that waits for
+//!   another call's free-state may, in that race, wait for its own sweep:
+//!   it must not wait for it without a timeout (as it must not wait for a
+//!   callback the same sweep runs later).
 //! * `release` swaps in the next generation (`SeqCst`, so at least
 //!   release); the next `try_occupy` (`SeqCst` CAS) reads it and so sees the
 //!   emptied cell. (Pair 3.)
@@ -348,7 +353,7 @@ pub(crate) enum AfterCallback {
     CancellerFrees { word: Snapshot },
 }
 
-/// Outcome of [`CallState::complete`].
+/// Outcome of [`CallState::try_complete`].
 #[must_use]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Completion {
@@ -589,11 +594,7 @@ impl CallState {
         }
     }
 
-    /// The owner completes the call.
-    ///
-    /// Ordering: one `SeqCst` RMW sets `COMPLETED`, pairing with
-    /// `finish_cancel` (pair 2), and with the idle waiters and the last
-    /// channel handle (module docs).
+    /// [`CallState::try_complete`] until it commits (the unit tests' owner).
     #[cfg(test)]
     pub(crate) fn complete(&self) -> Completion {
         let mut cur = self.load(Ordering::Relaxed);
@@ -605,7 +606,7 @@ impl CallState {
         }
     }
 
-    /// [`CallState::complete`] from `cur`, the word as the owner last read
+    /// The owner completes the call, from `cur`, the word as it last read
     /// it, as one `SeqCst` CAS: `Err(now)` if the word changed meanwhile (a
     /// claim, a waiter), and the owner decides again from `now`. The owner
     /// reads the word before committing so that, when a claimed callback
@@ -614,8 +615,10 @@ impl CallState {
     /// canceller (`ChannelShared::complete`, pair 2b). (An x86 `fetch_or`
     /// whose result is used is the same load and CAS loop.)
     ///
-    /// Ordering: the CAS is the `SeqCst` RMW of [`CallState::complete`];
-    /// the failure load is Relaxed (only the next attempt's CAS counts).
+    /// Ordering: one `SeqCst` RMW (the CAS) sets `COMPLETED`, pairing with
+    /// `finish_cancel` (pair 2), with the sweeper's settle (pair 2b), and
+    /// with the idle waiters and the last channel handle (module docs); the
+    /// failure load is Relaxed (only the next attempt's CAS counts).
     #[inline]
     pub(crate) fn try_complete(&self, cur: Snapshot) -> Result<Completion, Snapshot> {
         debug_assert!(cur.is_occupied() && !cur.is_completed());

@@ -226,9 +226,7 @@ fn inline_callback_finishes_before_free() {
 /// at its end: the host's counter matches the callbacks that ran.
 #[test]
 fn a_fault_racing_the_completions_frees_every_call_once() {
-    // Under miri (`ci/miri.sh`) a few rounds: it checks the accesses, not
-    // the interleavings.
-    let rounds = if cfg!(miri) { 2 } else { 200 };
+    let rounds = 200;
     const CALLS: usize = 70;
     let host = ServiceHost::new();
     let (mut cancelled, mut sweeper_freed) = (0, 0);

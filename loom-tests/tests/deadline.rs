@@ -69,3 +69,34 @@ fn deadline_vs_cancel() {
         assert_eq!(stats.cancelled(want), 1);
     });
 }
+
+/// A1 against a deadline job: the timer claims the callback *without*
+/// `STARTED` (it hands the job to a runner), so a fault that finds the call
+/// claimed must wait for the job to start, or take it over, before it
+/// returns. (Sweeps and `cancel()` take `STARTED` in their claim, so this
+/// is where `ChannelShared::await_started` still waits; mutant
+/// `no_started_wait` fails it.)
+#[test]
+fn fault_waits_for_a_claimed_deadline_job() {
+    loom::model(|| {
+        let host = ServiceHost::new();
+        let channel = host.open_channel().unwrap();
+        let call = channel.begin_call_with_deadline(far()).unwrap();
+        let p = Probe::new();
+        p.register(&call).unwrap();
+        let timer = loom::thread::spawn(expire_all);
+        let faulter = {
+            let (channel, p) = (channel.clone(), std::sync::Arc::clone(&p));
+            loom::thread::spawn(move || {
+                channel.fault();
+                assert_eq!(p.started(), 1, "A1: callback invoked when fault returns");
+            })
+        };
+        timer.join().unwrap();
+        faulter.join().unwrap();
+        assert_eq!(p.cancels(), 1, "R1");
+        call.complete();
+        p.assert_settled();
+        assert_eq!(host.in_flight(), 0);
+    });
+}

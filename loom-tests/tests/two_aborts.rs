@@ -46,8 +46,11 @@ fn two_aborts_at_once() {
 /// Issue 12 #3: a sweeper that lost the race must not return before the
 /// callback the winner claimed has been invoked, even while the winner is
 /// still busy (waking a parked watch, or simply preempted between claim and
-/// run). Two faults race; each asserts A1 when it returns (mutant
-/// `no_started_wait` fails it).
+/// run). Two faults race; each asserts A1 when it returns. (A sweep now
+/// takes `STARTED` in its claim CAS, so the loser returns on seeing it; the
+/// wait for a claim without it is modelled by
+/// `deadline::fault_waits_for_a_claimed_deadline_job`, where mutant
+/// `no_started_wait` is caught.)
 #[test]
 fn two_faults_with_a_parked_watch() {
     use std::future::Future;

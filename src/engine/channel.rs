@@ -452,7 +452,10 @@ impl ChannelShared {
                     // now, not behind later callbacks; only a completion
                     // racing these few instructions waits for the batch's
                     // fence.
-                    if slot.state.completed_unfinished(gen) {
+                    // Mutant (ci/mutants.sh): batch it all the same.
+                    if !cfg!(callcancel_mutant = "no_immediate_free")
+                        && slot.state.completed_unfinished(gen)
+                    {
                         self.free_returned(slot, gen, sweep.panics);
                     } else if sweep.returned.push(slot, gen) {
                         self.settle(&mut sweep.returned, sweep.panics);
@@ -743,7 +746,7 @@ impl ChannelShared {
             };
             let prev = match fast {
                 Some(prev) => prev,
-                None => match Self::complete_contended(this, slot) {
+                None => match Self::complete_contended(this, NonNull::from(slot)) {
                     Ok(prev) => prev,
                     Err(handed_over) => return handed_over,
                 },
@@ -770,39 +773,44 @@ impl ChannelShared {
     /// owner frees (as in `complete`); `Err(result)`: the RMW handed the
     /// free to a canceller, and `result` is what `complete` returns.
     ///
+    /// Raw pointers, as in `complete`: once the free is handed over, the
+    /// slot is ours only through the pin, and no `&CallSlot` may outlive it.
+    ///
     /// # Safety
     /// As for [`ChannelShared::complete`].
     #[cold]
     #[inline(never)]
     unsafe fn complete_contended(
         this: NonNull<Self>,
-        slot: &CallSlot,
+        slot: NonNull<CallSlot>,
     ) -> Result<Snapshot, (Option<Panic>, Option<CancelReason>, Keep)> {
-        // SAFETY: the call occupies the slot, so the keepalive is held:
-        // the channel is alive until our RMW hands the free over, and from
-        // then on through `pinned`.
-        let ch = unsafe { this.as_ref() };
-        let mut cur = slot.state.load(Ordering::Relaxed);
+        // SAFETY: before our completing CAS the call occupies the slot.
+        let mut cur = unsafe { slot.as_ref() }.state.load(Ordering::Relaxed);
         loop {
             // A claimed callback runs: our RMW may hand the free to its
-            // canceller, after which we still read the slot (pair 2b).
-            // Keep the channel (and so its slab) and the slot's segment (a
-            // counted walk) alive across it, taken *before* the RMW.
-            let pinned = cur.callback_running().then(|| {
+            // canceller, after which we still read the slot (pair 2b). Pin
+            // the channel and the slot's segment *before* the RMW.
+            let pin = cur.callback_running().then(|| {
                 // SAFETY: before our RMW the slot is occupied, so the
                 // keepalive is held and `this` is its pointer.
-                unsafe { Self::hold(this.as_ptr()) }
+                unsafe { OwnerPin::new(this) }
             });
-            let walk = pinned.as_ref().map(|_| ch.slab.walk());
-            match slot.state.try_complete(cur) {
+            // SAFETY: not completed yet: the call occupies the slot.
+            let tried = unsafe { slot.as_ref() }.state.try_complete(cur);
+            match tried {
                 Ok(Completion::OwnerFrees { prev }) => return Ok(prev),
                 Ok(Completion::CancellerFrees { prev }) => {
-                    // `prev` is `cur`, whose callback ran: pinned.
-                    let Some(held) = pinned else {
-                        return Err((None, None, None));
-                    };
-                    let panic = held.complete_handed_over(slot, prev);
-                    drop(walk);
+                    // `try_complete` committed from `cur`, whose callback
+                    // was running: so we pinned.
+                    let pin = pin.expect("a handed-over completion is pinned");
+                    // SAFETY: handed over, the slot may be released and
+                    // reused, but the pin keeps its segment allocated; the
+                    // reference ends with this call, before the pin.
+                    let slot = unsafe { slot.as_ref() };
+                    let panic = pin.channel().complete_handed_over(slot, prev);
+                    // Ends the walk (which may free the slot's segment: no
+                    // reference to the slot is live here), keeps the Arc.
+                    let held = pin.into_arc();
                     return Err((panic, prev.reason(), Some(held)));
                 }
                 Err(now) => cur = now,
@@ -814,9 +822,9 @@ impl ChannelShared {
     /// word it replaced) found a canceller's callback running: if that was
     /// a sweep's, it may have returned already (the `RETURNED` tag), and
     /// then whoever wins `take_free` frees — us, if the sweep's re-read
-    /// missed our `COMPLETED`. The caller holds a strong reference and a
-    /// counted walk taken before the RMW: the slot may be released (and
-    /// reused) under us, never freed.
+    /// missed our `COMPLETED`. The caller's `OwnerPin`, taken before the
+    /// RMW, outlives this call: the slot may be released (and reused) under
+    /// us, never freed.
     #[cold]
     fn complete_handed_over(&self, slot: &CallSlot, prev: Snapshot) -> Option<Panic> {
         #[cfg(all(test, not(loom)))]
@@ -832,7 +840,7 @@ impl ChannelShared {
         panics.record(self.free(slot, true));
         let (panic, keep) = self.release(slot, word, after);
         panics.record(panic);
-        // Our caller's pinned reference outlives this: never the last.
+        // Our caller's pin outlives this: never the last reference.
         drop(keep);
         panics.into_inner()
     }
@@ -1038,6 +1046,54 @@ pub(crate) type Keep = Option<Arc<ChannelShared>>;
 /// `fence(SeqCst)` per this many callbacks run.
 pub(crate) const BATCH: usize = 32;
 
+/// An owner's hold on its channel and its slot's segment across a
+/// `complete` RMW that may hand the free to a sweep (pair 2b): a strong
+/// reference (the channel, so its slab and segment 0) and a detached,
+/// counted slab walk (a higher segment, which a census may retire once the
+/// sweep released the slot). Ending it ends the walk first, while the
+/// reference still keeps the slab alive; also on unwinding.
+struct OwnerPin(Option<Arc<ChannelShared>>);
+
+impl OwnerPin {
+    /// # Safety
+    /// `this` is the channel's keepalive pointer and is held (a call still
+    /// occupies one of its slots).
+    unsafe fn new(this: NonNull<ChannelShared>) -> Self {
+        // SAFETY: per the contract.
+        let ch = unsafe { ChannelShared::hold(this.as_ptr()) };
+        // Mutant (ci/mutants.sh, under miri): no walk; the slot's segment
+        // may be freed under the owner.
+        if !cfg!(callcancel_mutant = "owner_no_walk") {
+            ch.slab.walk().detach();
+        }
+        Self(Some(ch))
+    }
+
+    fn channel(&self) -> &ChannelShared {
+        self.0.as_deref().expect("held until ended")
+    }
+
+    /// Ends the walk and hands the strong reference over.
+    fn into_arc(mut self) -> Arc<ChannelShared> {
+        let ch = self.0.take().expect("held until ended");
+        if !cfg!(callcancel_mutant = "owner_no_walk") {
+            ch.slab.end_detached_walk();
+        }
+        ch
+    }
+}
+
+impl Drop for OwnerPin {
+    fn drop(&mut self) {
+        if let Some(ch) = self.0.take() {
+            if !cfg!(callcancel_mutant = "owner_no_walk") {
+                ch.slab.end_detached_walk();
+            }
+            drop(ch);
+        }
+    }
+}
+
 /// What a sweep carries from slot to slot.
 struct Sweep<'p> {
     reason: CancelReason,
@@ -1129,20 +1185,22 @@ mod tests {
         }
     }
 
-    /// Review of e7f3db5 (high): after its `complete` RMW handed the free
-    /// to a sweep whose callback ran, the owner reads the slot's tag; by
-    /// then the sweep may have settled, freed, released, disposed of the
-    /// orphaned channel and dropped it, and its thread may have exited
-    /// (freeing its spare first block). The owner now keeps the channel
-    /// and the slot's segment alive from before that RMW. The hook makes
-    /// the owner wait, right after the RMW, until all of that happened;
-    /// miri (`ci/miri.sh`, `--lib`) reported the use after free without
-    /// the pin.
-    #[test]
-    fn the_owner_keeps_a_handed_over_slot_alive() {
+    /// The owner of a call whose callback a fault runs completes it while
+    /// the callback runs (handing the free to the sweep), then, from the
+    /// hook right after that RMW, lets the callback return and waits until
+    /// the sweep settled, freed and released the call, dropped the last
+    /// handle (disposing of the orphaned channel) and its thread exited
+    /// (freeing its spare first block) — then reads the slot again.
+    /// `fillers` calls begun (and completed) first put the call in a higher
+    /// segment, which the sweep's census retires.
+    fn owner_completes_a_handed_over_call(fillers: usize) {
         let host = ServiceHost::new();
         let ch = host.open_channel().unwrap();
+        let before: Vec<_> = (0..fillers).map(|_| ch.begin_call().unwrap()).collect();
         let call = ch.begin_call().unwrap();
+        let segment = usize::from(fillers >= 8);
+        assert_eq!(ch.shared.slab.published_segments(), segment + 1);
+        drop(before);
         let (entered_tx, entered_rx) = mpsc::channel::<()>();
         let (go_tx, go_rx) = mpsc::channel::<()>();
         let go_rx = Mutex::new(go_rx);
@@ -1157,7 +1215,6 @@ mod tests {
             move |()| *f.lock().unwrap() += 1,
         )
         .unwrap();
-        // The sweep, then the last handle's drop, on a thread that exits.
         let sweeper = thread::spawn(move || {
             ch.fault();
             drop(ch);
@@ -1166,8 +1223,6 @@ mod tests {
         let owner = thread::spawn(move || {
             AFTER_HANDOFF.with(|h| {
                 *h.borrow_mut() = Some(Box::new(move || {
-                    // The callback returns; the sweep settles (it sees our
-                    // COMPLETED), frees and releases; its thread exits.
                     go_tx.send(()).unwrap();
                     sweeper.join().unwrap();
                 }));
@@ -1181,5 +1236,23 @@ mod tests {
         let stats = host.stats();
         assert_eq!(stats.in_flight, 0);
         assert_eq!(stats.channels, 0, "the orphaned channel is disposed");
+    }
+
+    /// Review of e7f3db5 (high): after its `complete` RMW handed the free
+    /// to a sweep, the owner read the slot's tag unpinned, after all of the
+    /// above. It now keeps the channel alive from before that RMW; miri
+    /// (`ci/miri.sh`, `--lib`) reported the use after free without it.
+    #[test]
+    fn the_owner_keeps_a_handed_over_slot_alive() {
+        owner_completes_a_handed_over_call(0);
+    }
+
+    /// Second review: the same with the call in segment 1, which the
+    /// sweep's census retires once it released the call: the owner's walk
+    /// keeps the segment allocated until the owner is done with the slot
+    /// (miri reports the use after free with mutant `owner_no_walk`).
+    #[test]
+    fn the_owner_keeps_a_handed_over_slot_of_segment_1_alive() {
+        owner_completes_a_handed_over_call(8);
     }
 }

@@ -350,6 +350,17 @@ pub(crate) struct Walk<'a> {
     bound: usize,
 }
 
+impl Walk<'_> {
+    /// Keeps this (counted) walk's count without its borrow of the slab:
+    /// for a holder that also keeps the slab alive by a strong reference to
+    /// its channel (an owner handing its free over, `engine/channel.rs`).
+    /// End it with [`Slab::end_detached_walk`].
+    pub(crate) fn detach(self) {
+        debug_assert!(self.counted, "only a counted walk keeps segments");
+        core::mem::forget(self);
+    }
+}
+
 impl Drop for Walk<'_> {
     fn drop(&mut self) {
         if !self.counted {
@@ -491,6 +502,16 @@ impl Slab {
             counted: true,
             bound: self.segment_bound(),
         }
+    }
+
+    /// Ends a walk that was [`Walk::detach`]ed from this slab (freeing
+    /// retired segments if it was the last walk).
+    pub(crate) fn end_detached_walk(&self) {
+        drop(Walk {
+            slab: self,
+            counted: true,
+            bound: 0,
+        });
     }
 
     /// Starts a scan of every slot a call may occupy now: sweeps, censuses

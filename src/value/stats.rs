@@ -12,7 +12,8 @@ use crate::CancelReason;
 /// callbacks) may not include them yet.
 /// Counters only grow, with one exception: a call that a sweep marked while
 /// its own `begin_call` was refusing it (it never reached the user) is
-/// counted and then taken back, so a snapshot in between may show it.
+/// counted by the sweep and taken back by the refusal, in either order, so
+/// a snapshot in between may show one more, or one fewer, than before.
 ///
 /// ```
 /// use callcancel::{CancelReason, ServiceHost};
