@@ -17,6 +17,11 @@
 //!   `child.cancelled()` (which is how async code actually waits on it).
 //! * `mutex_hashmap_registry`: `Mutex<HashMap<u64, Box<dyn FnOnce>>>` insert
 //!   under a fresh id, then remove.
+//! * `libstdcxx_stop_callback`: `std::stop_callback` (libstdc++, C++20)
+//!   constructed on a live `stop_token` with a capturing lambda, then
+//!   destroyed: P1's other peer. The loop runs in C++ (`iter_custom`), so it
+//!   pays no FFI call per operation; skipped where no C++20 compiler built
+//!   `callcancel-cppbench`.
 //! * `floor_boxed_node_two_rmw`: the floor of the design brief: one heap node
 //!   holding an atomic and the (inline) capturing closure, two atomic
 //!   read-modify-writes, free.
@@ -68,6 +73,21 @@ fn lifecycle(c: &mut Criterion) {
             common::lifecycle(|| host.begin_call(), n)
         })
     });
+
+    match callcancel_cppbench::StopSource::new() {
+        Some(source) => {
+            g.bench_function("libstdcxx_stop_callback", |b| {
+                b.iter_custom(|iters| {
+                    let t0 = std::time::Instant::now();
+                    source.lifecycles(iters);
+                    t0.elapsed()
+                })
+            });
+        }
+        None => eprintln!(
+            "lifecycle/libstdcxx_stop_callback: SKIPPED (no C++20 compiler at build time)"
+        ),
+    }
 
     let parent = CancellationToken::new();
     g.bench_function("tokio_util_child_token", |b| {

@@ -134,13 +134,19 @@ def targets(rows):
     floor = median(rows, L, "floor_boxed_node_two_rmw")
     tok = median(rows, L, "tokio_util_child_token")
     host = median(rows, L, "callcancel_host_scope")
+    stdcb = median(rows, L, "libstdcxx_stop_callback")
     if None not in (cc, floor, tok):
         a, b = cc / floor, tok / cc
+        cpp = (
+            f"libstdc++ `std::stop_callback` construct + destroy {fmt_time(stdcb)} "
+            f"= {stdcb / cc:.2f}x callcancel's time (target >= 1: no slower)"
+            if stdcb else "libstdc++ `std::stop_callback`: not measured (no C++20 compiler)"
+        )
         out.append(
             f"- **P1** lifecycle {fmt_time(cc)} on a channel ({fmt_time(host)} host-scope): "
-            f"{a:.2f}x the floor {fmt_time(floor)} (target <= 1.5x), "
-            f"tokio-util child_token {fmt_time(tok)} is {b:.2f}x slower (target >= 5x): "
-            f"{verdict(a <= 1.5 and b >= 5)}"
+            f"{a:.2f}x the floor {fmt_time(floor)} (target <= 1.5x); {cpp}; "
+            f"tokio-util child_token {fmt_time(tok)} is {b:.2f}x slower: "
+            f"{verdict(a <= 1.5 and (stdcb is None or cc <= stdcb))}"
         )
     I = "is_cancelled"
     live = median(rows, I, "callcancel_live")
@@ -179,7 +185,7 @@ def targets(rows):
         t = per_call(rows, A, "tokio_util_children", n)
         if None in (c, v, t, m):
             continue
-        ok &= c <= 3 * v and c <= t
+        ok &= c <= 1.5 * v
         parts.append(
             f"N={n}: {fmt_time(c)}/call = {c / v:.2f}x the Vec floor "
             f"({c / m:.1f}x the in-place FnMut loop), {c / t:.2f}x tokio-util"
@@ -190,8 +196,8 @@ def targets(rows):
         out.append(
             "- **P6** abort " + "; ".join(parts)
             + f"; per call at N={sizes[-1]} is {last / first:.2f}x that at N={sizes[0]} "
-            f"(linear = 1): {verdict(ok)} (target: <= 3x the Vec floor, i.e. draining and "
-            f"calling N `Box<dyn FnOnce>`, and <= tokio-util per call, at every N)"
+            f"(linear = 1): {verdict(ok)} (target: <= 1.5x the Vec floor, i.e. draining and "
+            f"calling N `Box<dyn FnOnce>`, at every N)"
         )
     out.append("- **P2**, **P3**: counted by `tests/alloc.rs` (`cargo test --test alloc -- --nocapture`)")
     out.append("")
