@@ -100,12 +100,25 @@ tests=(
 t0=$SECONDS
 log=$(mktemp)
 set +e
-cargo +nightly miri test --no-fail-fast -p callcancel "${tests[@]}" -- "${skips[@]}" 2>&1 | tee "$log"
+# The engine's hand-over tests (`engine::channel::tests`, threads blocked
+# on each other by a hook) run in a process of their own: in the same
+# process as the timer's unit tests, whose deadlines are a few virtual
+# milliseconds, two of those read their deadlines as passed (miri's clock
+# under isolation; reproduced with and without --test-threads=1, and never
+# with either set alone).
+cargo +nightly miri test --no-fail-fast -p callcancel "${tests[@]}" -- "${skips[@]}" \
+  --skip engine::channel::tests 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
+log2=$(mktemp)
+cargo +nightly miri test --no-fail-fast -p callcancel --lib -- engine::channel::tests 2>&1 | tee "$log2"
+status2=${PIPESTATUS[0]}
+[ "$status" -eq 0 ] && status=$status2
 set -e
-passed=$(grep -Eo 'test result: ok\. [0-9]+ passed' "$log" | awk '{s+=$4} END {print s+0}')
-failed=$(grep -Eo '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')
+passed=$(cat "$log" "$log2" | grep -Eo 'test result: ok\. [0-9]+ passed' | awk '{s+=$4} END {print s+0}')
+failed=$(cat "$log" "$log2" | grep -Eo '[0-9]+ failed' | awk '{s+=$1} END {print s+0}')
+# Skipped: the first run's filter (the second one's filters what the first ran).
 filtered=$(grep -Eo '[0-9]+ filtered out' "$log" | awk '{s+=$1} END {print s+0}')
+rm -f "$log2"
 grep -E '^stress: ' "$log" || true
 rm -f "$log"
 echo "miri: $passed tests passed, $failed failed, $filtered skipped as too slow; seeds ${MIRI_SEEDS:-default}; $((SECONDS - t0)) s; exit $status"
