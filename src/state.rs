@@ -673,7 +673,12 @@ impl CallState {
 
     /// Whether `self` is generation `gen`, completed by its owner while a
     /// claimed callback was still running and nobody decided the freer yet:
-    /// the batched finish's re-check (after its `fence(SeqCst)`).
+    /// a sweeper's immediate re-read right after its `RETURNED` tag (free
+    /// now, or batch). (The settle after the fence re-reads through
+    /// `take_free`'s first load.)
+    ///
+    /// Ordering: `SeqCst`, like `take_free`'s; without the fence a miss is
+    /// only a later settle, never a lost free.
     pub(crate) fn completed_unfinished(&self, gen: u64) -> bool {
         let cur = self.load(Ordering::SeqCst);
         cur.is_live(gen) && cur.is_completed() && cur.has(CLAIMED) && !cur.has(CB_DONE)

@@ -490,9 +490,9 @@ impl ChannelShared {
             // SAFETY: the sweep's walk (still alive) keeps the segment, and
             // with it the slot, allocated; `CallState` is all atomics.
             let slot = unsafe { slot.as_ref() };
-            if slot.state.completed_unfinished(gen) {
-                self.free_returned(slot, gen, panics);
-            } // else the owner frees at completion, or did
+            // The re-read is `take_free`'s first load: `None` if the owner
+            // has not completed (it frees at completion) or took it.
+            self.free_returned(slot, gen, panics);
         }
         returned.clear();
     }
@@ -502,14 +502,22 @@ impl ChannelShared {
     /// tag and asked too).
     fn free_returned(&self, slot: &CallSlot, gen: u64, panics: &mut FirstPanic) {
         if let Some(word) = slot.state.take_free(gen) {
-            // Right after the freer-deciding SeqCst RMW.
-            let after = self.after_release_duties();
-            panics.record(self.free(slot, true));
-            let (panic, keep) = self.release(slot, word, after);
-            panics.record(panic);
-            // The sweep's caller holds a strong reference: never the last.
-            drop(keep);
+            self.canceller_frees(slot, word, panics);
         }
+    }
+
+    /// A canceller (or an owner that won `take_free`) is the freer of a call
+    /// whose callback ran: `word` is the word its deciding `SeqCst` RMW left.
+    /// Free, release and run the duties. The caller holds a strong
+    /// reference (a sweep's, a `Canceller`'s, a timer job's, an owner's
+    /// pin), so the reference the release may hand back is never the last.
+    fn canceller_frees(&self, slot: &CallSlot, word: Snapshot, panics: &mut FirstPanic) {
+        // Right after the freer-deciding SeqCst RMW.
+        let after = self.after_release_duties();
+        panics.record(self.free(slot, true));
+        let (panic, keep) = self.release(slot, word, after);
+        panics.record(panic);
+        drop(keep);
     }
 
     /// Cancels generation `gen` of `slot` alone with `reason`: decide, run
@@ -616,14 +624,7 @@ impl ChannelShared {
     /// owner completed while the callback ran; then we free and release.
     fn finish_now(&self, slot: &CallSlot, panics: &mut FirstPanic) {
         if let AfterCallback::CancellerFrees { word } = slot.state.finish_cancel() {
-            // Right after the freer-deciding SeqCst RMW.
-            let after = self.after_release_duties();
-            panics.record(self.free(slot, true));
-            let (panic, keep) = self.release(slot, word, after);
-            panics.record(panic);
-            // Callers hold an `Arc` of the channel (a sweep's, a
-            // `Canceller`'s, a timer job's): never the last one.
-            drop(keep);
+            self.canceller_frees(slot, word, panics);
         }
     }
 
@@ -735,6 +736,8 @@ impl ChannelShared {
             let (ch, slot) = (this.as_ref(), slot.as_ref());
             // The usual case in one CAS; a claimed callback running, or a
             // word that changed under us, goes out of line.
+            // Ordering: Relaxed: only the expected value of the CAS below,
+            // which (SeqCst) validates it.
             let cur = slot.state.load(Ordering::Relaxed);
             let fast = if cur.callback_running() {
                 None
@@ -785,6 +788,7 @@ impl ChannelShared {
         slot: NonNull<CallSlot>,
     ) -> Result<Snapshot, (Option<Panic>, Option<CancelReason>, Keep)> {
         // SAFETY: before our completing CAS the call occupies the slot.
+        // Ordering: Relaxed, as in `complete`: the CAS validates it.
         let mut cur = unsafe { slot.as_ref() }.state.load(Ordering::Relaxed);
         loop {
             // A claimed callback runs: our RMW may hand the free to its
@@ -834,14 +838,8 @@ impl ChannelShared {
             return None; // still running: its canceller frees
         }
         let word = slot.state.take_free(prev.generation())?;
-        // Right after the freer-deciding SeqCst RMW.
-        let after = self.after_release_duties();
         let mut panics = FirstPanic::default();
-        panics.record(self.free(slot, true));
-        let (panic, keep) = self.release(slot, word, after);
-        panics.record(panic);
-        // Our caller's pin outlives this: never the last reference.
-        drop(keep);
+        self.canceller_frees(slot, word, &mut panics);
         panics.into_inner()
     }
 
