@@ -34,8 +34,10 @@
 //! the calls or channels of the burst.
 //!
 //! "after" is measured right after the burst ends, and again ("settled")
-//! after flushing crossbeam-epoch's deferred frees on this thread a few
-//! times, the garbage a running server would see collected soon after.
+//! after one more walk of the host's table (`in_flight()`): a channel
+//! dropped while a walk read the table has its table reference parked
+//! until a walker leaves (`src/store/table.rs`); everything else is
+//! released at once.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::fmt::Write as _;
@@ -83,12 +85,10 @@ fn live() -> i64 {
     LIVE.load(Ordering::Relaxed)
 }
 
-/// Flush this thread's deferred epoch garbage a few times (the collector
-/// frees a bag two epochs after it was sealed).
-fn settle() {
-    for _ in 0..8 {
-        crossbeam_epoch::pin().flush();
-    }
+/// One more walk of the host's table, which releases the table
+/// references parked during a walk (if any).
+fn settle(host: &ServiceHost) {
+    black_box(host.in_flight());
 }
 
 /// Median time of one `f()`, in ns: 11 batches of as many calls as fill
@@ -201,7 +201,7 @@ fn idle_channels(r: &mut Report, n: usize) {
     let host = ServiceHost::new();
     // Warm the host (first-use tables) and this thread, then count.
     drop(host.open_channel().unwrap());
-    settle();
+    settle(&host);
     let mut held = Vec::with_capacity(n);
     let base = live();
     for _ in 0..n {
@@ -273,7 +273,7 @@ fn burst_calls(r: &mut Report, n: usize) {
     // Warm: the thread's lease, a first call, a first fault.
     drop(channel.begin_call().unwrap());
     let _ = fault_fresh_ns(&host);
-    settle();
+    settle(&host);
     let mut calls: Vec<Call> = Vec::with_capacity(n);
     // Live bytes without the bench's own `Vec` of calls (kept to the end).
     let harness = (calls.capacity() * size_of::<Call>()) as i64;
@@ -319,7 +319,7 @@ fn burst_calls(r: &mut Report, n: usize) {
         black_box(host.in_flight());
     });
     let fault2 = fault_fresh_ns(&host);
-    settle();
+    settle(&host);
     let live3 = core_live();
     let ch_if3 = time_ns(|| {
         black_box(channel.in_flight());
@@ -348,7 +348,7 @@ fn burst_calls(r: &mut Report, n: usize) {
     let own = own_samples[own_samples.len() / 2];
     r.put("b1_fault_own_first_ns", own_first);
     drop(channel);
-    settle();
+    settle(&host);
     let live4 = core_live();
 
     r.line(format!(
@@ -408,7 +408,7 @@ fn burst_channels(r: &mut Report, n: usize) {
     };
     drop(host.open_channel().unwrap());
     let _ = fault_fresh_ns(&host);
-    settle();
+    settle(&host);
     let mut held: Vec<Channel> = Vec::with_capacity(n);
     // Live bytes without the bench's own `Vec` of channels (kept to the end).
     let harness = (held.capacity() * size_of::<Channel>()) as i64;
@@ -438,7 +438,7 @@ fn burst_channels(r: &mut Report, n: usize) {
     });
     let open2 = lifecycle(&host);
     let fault2 = fault_fresh_ns(&host);
-    settle();
+    settle(&host);
     let live3 = core_live();
     let if3 = time_ns(|| {
         black_box(host.in_flight());

@@ -47,6 +47,14 @@
 #   no_immediate_free      src/engine/channel.rs: a sweep batches even a completion it
 #                                          sees right after the callback: a later
 #                                          callback waits for that free (native test)
+#   retire_ignores_walkers src/store/table.rs: ChannelTable::release drops a
+#                                          retired table reference while a walker
+#                                          may still upgrade it (use after free;
+#                                          loom's shadow check)
+#   retire_no_second_look  src/store/table.rs: ChannelTable::release parks a
+#                                          reference without looking at the
+#                                          walkers again: it may stay parked
+#                                          after the last walker left (a leak)
 #   no_duty                src/state.rs:   CallState::request_duty never hands the
 #                                          release duties over (orphan leak,
 #                                          idle waiter never woken)
@@ -72,6 +80,8 @@ no_cover shrink begin_call_in_a_new_segment_vs_fault
 registered_early begin_call_vs_abort two_first_calls_vs_host_abort 2
 no_settle_fence batched_finish fault_settles_vs_complete
 owner_ignores_returned batched_finish fault_settles_vs_complete
+retire_ignores_walkers reclaim table_walk_vs_last_drop
+retire_no_second_look reclaim two_table_walks_vs_last_drop
 "
 
 run() { # flags file test -> exit status of the model, output in $out

@@ -52,6 +52,13 @@ pub struct ServiceHost {
     shared: Arc<HostShared>,
 }
 
+#[cfg(loom)]
+impl ServiceHost {
+    pub(crate) fn parked_table_refs(&self) -> usize {
+        self.shared.core.table.parked_count()
+    }
+}
+
 impl Clone for ServiceHost {
     fn clone(&self) -> Self {
         self.shared.add_handle();

@@ -111,8 +111,9 @@
 //! Each call's state is **one atomic word** (`state.rs` draws the state
 //! machine), in a slot of its channel's slab that is reused by generation.
 //! The host reaches its channels through an `arc-swap` snapshot of a table
-//! whose entries are reclaimed through **crossbeam-epoch**; no epoch pin is
-//! held while user code runs. `cancelled()` parks on **atomic-waker**. The
+//! whose entries are released at once when no walk reads the table (a walker
+//! count and a limbo for the rare overlap: `store/table.rs`); no walker is
+//! announced while user code runs. `cancelled()` parks on **atomic-waker**. The
 //! hot path (`begin_call`, register, complete) is four read-modify-writes on
 //! the call's own state word (claim, register, complete, release), with no
 //! allocation for a state and closures of up to three words, and no
@@ -178,4 +179,13 @@ pub use wait::idle::Idle;
 #[doc(hidden)]
 pub fn loom_expire_deadlines(now: std::time::Instant) -> usize {
     engine::deadline::timer().run_expired(now)
+}
+
+/// Under `--cfg loom` only: table references of dropped channels still
+/// parked in `host`'s table limbo (`store/table.rs`); zero once no walk of
+/// the table is under way.
+#[cfg(loom)]
+#[doc(hidden)]
+pub fn loom_parked_table_refs(host: &ServiceHost) -> usize {
+    host.parked_table_refs()
 }

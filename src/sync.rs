@@ -1,8 +1,8 @@
 //! The one synchronisation seam of the crate.
 //!
-//! Every other module imports its atomics, cells, locks and the epoch and
-//! snapshot primitives from here and never names `std::sync::atomic`,
-//! `loom`, `crossbeam_epoch`, `atomic_waker` or `arc_swap` directly. Building
+//! Every other module imports its atomics, cells, locks and the snapshot
+//! primitive from here and never names `std::sync::atomic`,
+//! `loom`, `atomic_waker` or `arc_swap` directly. Building
 //! with `RUSTFLAGS="--cfg loom"` swaps the atomics, the `UnsafeCell` and the
 //! locks for loom's model-checked versions, so the same protocol code runs
 //! under the model checker unchanged (the pattern of tokio's `src/loom/` and
@@ -17,11 +17,11 @@
 //! * **Seen through a stand-in:** `atomic_waker::AtomicWaker` is replaced
 //!   under loom by `loom_waker.rs`, a line-for-line copy of its state machine
 //!   on loom atomics (tokio keeps such a copy for the same reason).
-//! * **Seen only with `--cfg crossbeam_loom`:** `crossbeam_epoch` (it defers
-//!   releasing the host channel table's weak references). `ci/loom.sh` runs
-//!   a second pass with that cfg and crossbeam-epoch's `loom` feature, so
-//!   loom explores the real epoch code; a plain `--cfg loom` build treats it
-//!   as a black box.
+//! * **Seen, with a shadow:** the channel table's reclamation handshake
+//!   (`store/table.rs`: a walker count and a limbo, on these atomics and
+//!   mutexes); since loom does not see `Weak`, under loom a released weak
+//!   reference is recorded and leaked, and walkers assert they never read
+//!   a released one.
 //! * **Seen through a stand-in:** `arc_swap` (the host channel-table
 //!   snapshot, written only when the table grows or compacts) is, under
 //!   loom, a `SeqCst` loom atomic pointer to the current snapshot with
@@ -38,12 +38,16 @@
 //!   ([`dekker_fence`], a no-op in normal builds).
 
 #[cfg(not(loom))]
-pub(crate) use std::sync::atomic::{fence, AtomicPtr, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+pub(crate) use std::sync::atomic::{
+    fence, AtomicBool, AtomicPtr, AtomicU64, AtomicU8, AtomicUsize, Ordering,
+};
 #[cfg(not(loom))]
 pub(crate) use std::sync::{Condvar, Mutex, MutexGuard};
 
 #[cfg(loom)]
-pub(crate) use loom::sync::atomic::{fence, AtomicPtr, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+pub(crate) use loom::sync::atomic::{
+    fence, AtomicBool, AtomicPtr, AtomicU64, AtomicU8, AtomicUsize, Ordering,
+};
 #[cfg(loom)]
 pub(crate) use loom::sync::{Condvar, Mutex, MutexGuard};
 
@@ -60,12 +64,6 @@ pub(crate) use std::sync::{Arc, Weak};
 pub(crate) fn dekker_fence() {
     #[cfg(loom)]
     loom::sync::atomic::fence(Ordering::SeqCst);
-}
-
-/// Epoch-based reclamation (crossbeam-epoch), used by the host's channel
-/// table: see `registry.rs`.
-pub(crate) mod epoch {
-    pub(crate) use crossbeam_epoch::pin;
 }
 
 /// The single-waiter fast path of `OperationContext::cancelled()`.

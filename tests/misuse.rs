@@ -308,8 +308,8 @@ fn blocking_callback_does_not_stall_reclamation_or_other_calls() {
         4 * iters
     );
     // Unbounded retention would be >= 4 * iters * (size of a channel), about
-    // 20 MB here; bounded reclamation keeps the growth to crossbeam-epoch's
-    // per-thread bags.
+    // 20 MB here; the table releases a dropped channel's entry at once (or
+    // when the walk that overlapped it leaves), so the growth stays small.
     assert!(
         growth < 256 * 1024,
         "live heap grew by {growth} bytes: reclamation stalled"
@@ -382,8 +382,8 @@ fn hundred_thousand_channels_one_abort() {
          aborted in {aborted:?}; {left} bytes left after dropping everything",
         peak / n as isize
     );
-    // What stays is at most the epoch's deferred garbage (a few KB of bags),
-    // not the channels.
+    // What stays is the process's own (the timer, thread-locals), not the
+    // channels.
     assert!(
         left < (peak / 10).max(64 * 1024),
         "{left} of {peak} bytes still live after the host and every channel were dropped"

@@ -1,13 +1,22 @@
 //! loom models: something a sweep can reach is reclaimed while the sweep
 //! runs.
 //!
-//! * `channel_reclaimed_while_abort_sweeps` (epoch protection): the owner
+//! * `channel_reclaimed_while_abort_sweeps` (table reclamation): the owner
 //!   completes the last call of a channel and drops the last handle, so the
-//!   channel is dropped and its table entry retired through crossbeam-epoch,
-//!   while an abort walks the host table (`pin → load entry → upgrade`). The
-//!   sweep either upgrades first (and holds the channel alive) or finds the
-//!   entry gone. Rules: R1/R2/R6 for the call, A2 (nothing left in flight).
-//!   With `--cfg crossbeam_loom` (ci/loom.sh) the epoch itself is modelled.
+//!   channel is dropped and its table entry retired, while an abort walks
+//!   the host table (`announce → load entry → upgrade → leave`). The sweep
+//!   either upgrades first (and holds the channel alive) or finds the entry
+//!   gone; a retire that finds the walker announced parks the table's weak
+//!   reference until it leaves (`src/store/table.rs`; under loom a shadow
+//!   check asserts no walker reads a released one: mutant
+//!   `retire_ignores_walkers`). Rules: R1/R2/R6 for the call, A2 (nothing
+//!   left in flight).
+//! * `table_walk_vs_last_drop` and `two_table_walks_vs_last_drop` (the
+//!   reclamation handshake alone): one or two threads walk the table
+//!   (`in_flight()`) while the channel's last handle drops; no walker may
+//!   read a released reference (the shadow check; mutant
+//!   `retire_ignores_walkers`) and, once all have left, nothing may stay
+//!   parked (mutant `retire_no_second_look`).
 //! * `slot_reused_while_fault_sweeps` (generation): a fault sweep holds a
 //!   slot while its call completes and a new call takes the same slot; the
 //!   stale generation must be skipped, and the new call is either refused or
@@ -36,6 +45,8 @@ fn channel_reclaimed_while_abort_sweeps() {
         owner.join().unwrap();
         aborter.join().unwrap();
 
+        // Before any further walk (which would drain it): nothing parked.
+        assert_eq!(callcancel::loom_parked_table_refs(&host), 0);
         assert!(p.cancels() <= 1);
         p.assert_settled();
         assert_eq!(host.in_flight(), 0);
@@ -71,6 +82,46 @@ fn slot_reused_while_fault_sweeps() {
             }
             Err(e) => assert_eq!(e, Error::ChannelFaulted),
         }
+        assert_eq!(host.in_flight(), 0);
+    });
+}
+
+/// One walk (`in_flight`) vs the last handle's drop of a channel that ran a
+/// call (so it is in the table).
+#[test]
+fn table_walk_vs_last_drop() {
+    loom::model(|| {
+        let host = ServiceHost::new();
+        let channel = host.open_channel().unwrap();
+        channel.begin_call().unwrap().complete();
+        let h = host.clone();
+        let walker = loom::thread::spawn(move || h.in_flight());
+        drop(channel);
+        assert_eq!(walker.join().unwrap(), 0);
+        assert_eq!(callcancel::loom_parked_table_refs(&host), 0);
+        assert_eq!(host.in_flight(), 0);
+    });
+}
+
+/// Two walks vs the last handle's drop: whichever walker leaves last (or
+/// the retirer's second look) drains.
+#[test]
+fn two_table_walks_vs_last_drop() {
+    loom::model(|| {
+        let host = ServiceHost::new();
+        let channel = host.open_channel().unwrap();
+        channel.begin_call().unwrap().complete();
+        let walkers: Vec<_> = (0..2)
+            .map(|_| {
+                let h = host.clone();
+                loom::thread::spawn(move || h.in_flight())
+            })
+            .collect();
+        drop(channel);
+        for w in walkers {
+            assert_eq!(w.join().unwrap(), 0);
+        }
+        assert_eq!(callcancel::loom_parked_table_refs(&host), 0);
         assert_eq!(host.in_flight(), 0);
     });
 }

@@ -249,7 +249,7 @@ impl ChannelShared {
                         // SAFETY: reserved just now from our host's table
                         // (alive: `self.host`), never published, given back
                         // once.
-                        unsafe { mine.retire() };
+                        unsafe { mine.retire(&self.host.table) };
                         TableEntry::unpack(theirs).expect("a packed entry is non-null")
                     }
                 }
@@ -1158,7 +1158,7 @@ impl Drop for ChannelShared {
             // SAFETY: a non-null word was packed by `enter_table` from an
             // entry of our host's table, which `self.host` still keeps alive;
             // retired once, here.
-            unsafe { entry.retire() };
+            unsafe { entry.retire(&self.host.table) };
         }
     }
 }

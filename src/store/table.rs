@@ -9,22 +9,47 @@
 //! table. Only appending a chunk (every `CHUNK` channels) or compacting
 //! replaces the snapshot.
 //! Dropping a channel (its last handle and last call gone) clears its entry
-//! and hands the table's weak reference to **crossbeam-epoch** (`defer`):
-//! a sweeper that loaded the raw pointer inside a pinned epoch may still
-//! `upgrade` it, because the weak count it relies on is released only after
-//! every such pin has ended.
+//! and releases the table's weak reference **at once** when no walk is
+//! reading the table, which is the usual case: a walk (an abort, a census,
+//! `in_flight`) announces itself in the table's `walkers` count around each
+//! `load entry → upgrade`, and a retirer that clears an entry and then
+//! finds a walker announced parks the weak reference in the table's
+//! `limbo` instead; whoever next finds no walker (the last walker leaving,
+//! or the retirer looking again) drops the parked ones. (This replaced
+//! crossbeam-epoch, whose deferred frees cost a connection ~60 ns in W1:
+//! BENCHMARKS.md.)
 //!
-//! A sweeper therefore does `pin → load entry → upgrade → unpin` and only
-//! then sweeps the channel while holding a strong `Arc`. No pin is ever held
-//! while user code runs: a cancel callback that blocks for an hour stalls
-//! neither epoch reclamation nor other sweeps. Callback storage itself lives
-//! in the slot, whose memory is kept alive by that `Arc`; which thread may
-//! touch it is decided by the state word (`state.rs`).
+//! A walker therefore does `announce → load entry → upgrade → leave` and
+//! only then sweeps the channel while holding a strong `Arc`. No walker is
+//! announced while user code runs: a cancel callback that blocks for an
+//! hour delays nobody's reclamation but the weak references retired during
+//! the few instructions of some walker's `load → upgrade`. Callback storage
+//! itself lives in the slot, whose memory is kept alive by that `Arc`;
+//! which thread may touch it is decided by the state word (`state.rs`).
+//!
+//! # The reclamation handshake (a Dekker pair on `walkers`)
+//!
+//! ```text
+//!  walker:   walkers += 1 (SeqCst) ─▶ load entry (SeqCst) ─▶ upgrade ─▶ walkers -= 1 (SeqCst) ─▶ load limbo flag (SeqCst)
+//!  retirer:  swap entry → null (SeqCst) ─▶ load walkers (SeqCst): 0 → drop the weak now
+//!                                                          else → park it in limbo, set the flag (SeqCst), load walkers again
+//! ```
+//!
+//! In the single `SeqCst` order, a walker that can still see the raw
+//! pointer (its load precedes the swap) announced itself before the swap,
+//! so a retirer that reads `walkers == 0` after its swap knows no walker
+//! holds the pointer. A parked reference is dropped only by a thread that
+//! reads `walkers == 0` *under the limbo lock* (`ChannelTable::drain`):
+//! every parked reference was swapped out before it was parked, so every
+//! walker that could have loaded it was announced then and has left since.
+//! The flag makes the last walker to leave (or the retirer's second look)
+//! drain: the retirer stores it before its second look, the walker reads it
+//! after its decrement, so one of the two sees the other.
 
 use core::mem::ManuallyDrop;
 use core::ptr::{self, NonNull};
 
-use crate::sync::{epoch, Arc, ArcSwap, AtomicPtr, AtomicUsize, Ordering, Weak};
+use crate::sync::{lock, Arc, ArcSwap, AtomicBool, AtomicPtr, AtomicUsize, Mutex, Ordering, Weak};
 
 /// Entries per table chunk.
 #[cfg(not(loom))]
@@ -173,17 +198,23 @@ impl<T: Send + Sync + 'static> TableEntry<T> {
         }
     }
 
-    /// Clears the entry and retires the table's weak reference through the
-    /// epoch (see the module docs). Called when the stored value drops, or
+    /// Clears the entry and releases the table's weak reference, at once
+    /// unless a walk may be reading it (then it is parked in the table's
+    /// limbo: see the module docs). Called when the stored value drops, or
     /// by a first call that lost the race to give its channel an entry (a
-    /// reserved entry: nothing to defer).
+    /// reserved entry: nothing to release).
     ///
     /// # Safety
-    /// As [`TableEntry::chunk`]; called once per reservation.
-    pub(crate) unsafe fn retire(&self) {
+    /// As [`TableEntry::chunk`], and `table` is the entry's table; called
+    /// once per reservation.
+    pub(crate) unsafe fn retire(&self, table: &ChannelTable<T>) {
         // SAFETY: per our contract.
         let chunk = unsafe { self.chunk() };
-        let raw = chunk.entries[self.index].swap(ptr::null_mut(), Ordering::AcqRel);
+        // Ordering: SeqCst, the retirer's first half of the reclamation
+        // handshake (module docs): a walker whose load still returns `raw`
+        // announced itself before this swap. (Its acquire part also orders
+        // a later reservation of the entry after our clearing.)
+        let raw = chunk.entries[self.index].swap(ptr::null_mut(), Ordering::SeqCst);
         if raw.is_null() {
             return;
         }
@@ -194,11 +225,7 @@ impl<T: Send + Sync + 'static> TableEntry<T> {
         // SAFETY: `raw` came from `Weak::into_raw` in `publish_once`, and the swap
         // above removed it from the table, so this is its only owner.
         let weak = unsafe { Weak::from_raw(raw) };
-        let guard = epoch::pin();
-        // Sweepers that loaded `raw` before the swap are pinned; the weak
-        // count (which keeps the allocation alive for their `upgrade`) is
-        // dropped only once they have all unpinned.
-        guard.defer(move || drop(weak));
+        table.release(weak);
     }
 }
 
@@ -208,6 +235,36 @@ pub(crate) struct ChannelTable<T> {
     /// The chunk where the last reservation succeeded: the next scan starts
     /// there (and wraps), so opening many channels stays linear overall.
     cursor: AtomicUsize,
+    /// Walkers announced (from `announce` to leaving: around an entry's
+    /// load and upgrade, module docs).
+    walkers: AtomicUsize,
+    /// Weak references retired while a walker was announced.
+    limbo: Mutex<Vec<Weak<T>>>,
+    /// Whether `limbo` may hold something: read by a walker leaving.
+    parked: AtomicBool,
+    /// Under loom: the addresses whose weak reference was released.
+    #[cfg(loom)]
+    released: Mutex<Vec<usize>>,
+}
+
+/// A walker's announcement, from [`ChannelTable::announce`] until dropped
+/// (also on unwinding).
+struct Walker<'a, T: Send + Sync + 'static> {
+    table: &'a ChannelTable<T>,
+}
+
+impl<T: Send + Sync + 'static> Drop for Walker<'_, T> {
+    fn drop(&mut self) {
+        let table = self.table;
+        // Ordering: SeqCst, the walker's second half of the handshake: our
+        // decrement precedes our read of `parked`; a retirer sets `parked`
+        // before it reads `walkers` again (module docs).
+        let last = table.walkers.fetch_sub(1, Ordering::SeqCst) == 1;
+        crate::sync::dekker_fence();
+        if last && table.parked.load(Ordering::SeqCst) {
+            table.drain();
+        }
+    }
 }
 
 impl<T: Send + Sync + 'static> ChannelTable<T> {
@@ -215,7 +272,100 @@ impl<T: Send + Sync + 'static> ChannelTable<T> {
         Self {
             chunks: ArcSwap::from_pointee(Vec::new()),
             cursor: AtomicUsize::new(0),
+            walkers: AtomicUsize::new(0),
+            limbo: Mutex::new(Vec::new()),
+            parked: AtomicBool::new(false),
+            #[cfg(loom)]
+            released: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Announces a walker until the guard drops.
+    fn announce(&self) -> Walker<'_, T> {
+        // Ordering: SeqCst: precedes the walker's entry load (module docs).
+        self.walkers.fetch_add(1, Ordering::SeqCst);
+        crate::sync::dekker_fence();
+        Walker { table: self }
+    }
+
+    /// Releases a retired weak reference (its entry already cleared): now,
+    /// if no walker is announced, else through the limbo.
+    fn release(&self, weak: Weak<T>) {
+        crate::sync::dekker_fence();
+        // Ordering: SeqCst, after the entry's swap (module docs).
+        // Mutant (ci/mutants.sh): release without looking for walkers.
+        if self.walkers.load(Ordering::SeqCst) == 0
+            || cfg!(callcancel_mutant = "retire_ignores_walkers")
+        {
+            self.drop_weak(weak);
+            return;
+        }
+        {
+            let mut limbo = lock(&self.limbo);
+            limbo.push(weak);
+            // Ordering: SeqCst: precedes our second look at `walkers`; a
+            // walker reads it after its decrement.
+            self.parked.store(true, Ordering::SeqCst);
+        }
+        crate::sync::dekker_fence();
+        // Ordering: SeqCst (module docs).
+        // Mutant (ci/mutants.sh): no second look (a parked reference may
+        // stay parked after the last walker left).
+        if self.walkers.load(Ordering::SeqCst) == 0
+            && !cfg!(callcancel_mutant = "retire_no_second_look")
+        {
+            self.drain();
+        }
+    }
+
+    /// Drops the parked weak references if no walker is announced: decided
+    /// under the limbo lock, so that nothing parked after a walker
+    /// announced itself is dropped while it may still read it.
+    fn drain(&self) {
+        let parked = {
+            let mut limbo = lock(&self.limbo);
+            // Ordering: SeqCst: every parked reference was swapped out of
+            // its entry before it was parked (under this lock), so a walker
+            // that may hold one was announced then; zero here means all
+            // such walkers have left.
+            if self.walkers.load(Ordering::SeqCst) != 0 {
+                return; // the last of them drains when it leaves
+            }
+            self.parked.store(false, Ordering::SeqCst);
+            core::mem::take(&mut *limbo)
+        };
+        // Outside the lock: a weak drop may free a channel's allocation.
+        parked.into_iter().for_each(|weak| self.drop_weak(weak));
+    }
+
+    /// Gives up a weak reference the table no longer names. Under loom it
+    /// is recorded and leaked instead (no address is reused within a
+    /// model), so that a walker can assert it never upgrades a released
+    /// one ([`ChannelTable::check_live`]): loom does not see `Arc`/`Weak`.
+    fn drop_weak(&self, weak: Weak<T>) {
+        #[cfg(loom)]
+        {
+            lock(&self.released).push(weak.as_ptr() as usize);
+            core::mem::forget(weak);
+        }
+        #[cfg(not(loom))]
+        drop(weak);
+    }
+
+    /// Under loom: a walker's raw pointer, loaded while announced, has not
+    /// been released (checked before and after its upgrade).
+    #[cfg(loom)]
+    fn check_live(&self, raw: *const T) {
+        assert!(
+            !lock(&self.released).contains(&(raw as usize)),
+            "a walker read a channel whose table reference was released"
+        );
+    }
+
+    /// Weak references parked in the limbo (for tests and loom models).
+    #[cfg(any(test, loom))]
+    pub(crate) fn parked_count(&self) -> usize {
+        lock(&self.limbo).len()
     }
 
     /// Reserves an entry for a new channel.
@@ -271,7 +421,7 @@ impl<T: Send + Sync + 'static> ChannelTable<T> {
     }
 
     /// Calls `f` with every live channel, holding a strong reference and no
-    /// epoch pin while `f` runs. Costs what is live (chunks with nothing in
+    /// walker announced while `f` runs. Costs what is live (chunks with nothing in
     /// them are skipped with one load), and gives back the table's tail
     /// once at least half of it is empty after a burst (see
     /// [`ChannelTable::compact`]).
@@ -285,20 +435,35 @@ impl<T: Send + Sync + 'static> ChannelTable<T> {
             }
             trailing_empty = 0;
             for entry in chunk.entries.iter() {
+                // Ordering: SeqCst, pairing with `publish_once` (see there):
+                // an empty entry is skipped without announcing (the load
+                // below, once announced, is the one that counts).
+                let seen = entry.load(Ordering::SeqCst);
+                if seen.is_null() || seen == reserved::<T>() {
+                    continue;
+                }
                 let channel = {
-                    let _guard = epoch::pin();
-                    // Ordering: SeqCst, pairing with `publish_once` (see there).
+                    let _walker = self.announce();
+                    // Ordering: SeqCst, pairing with `publish_once` (see
+                    // there) and with `retire`'s swap (module docs).
                     let raw = entry.load(Ordering::SeqCst);
                     if raw.is_null() || raw == reserved::<T>() {
                         continue;
                     }
                     // SAFETY: `raw` came from `Weak::into_raw` in `publish_once`.
                     // The table's weak reference it stands for is released
-                    // only through `guard.defer` in `retire`, after this pin
-                    // ends, so the allocation is live; `ManuallyDrop` keeps us
+                    // only by a thread that finds no walker announced after
+                    // clearing the entry (`retire`, `drain`), and we were
+                    // announced before our load saw it, so the allocation
+                    // is live until `_walker` drops; `ManuallyDrop` keeps us
                     // from releasing a weak count we do not own.
                     let weak = ManuallyDrop::new(unsafe { Weak::from_raw(raw) });
-                    weak.upgrade()
+                    #[cfg(loom)]
+                    self.check_live(raw);
+                    let strong = weak.upgrade();
+                    #[cfg(loom)]
+                    self.check_live(raw);
+                    strong
                 };
                 if let Some(channel) = channel {
                     f(&channel);
@@ -370,7 +535,7 @@ mod tests {
         // Keep the first channel, drop the rest.
         for e in &entries[1..] {
             // SAFETY: published, retired once.
-            unsafe { e.retire() };
+            unsafe { e.retire(&table) };
         }
         let mut seen = 0;
         table.for_each(|_| seen += 1); // skips the empty chunks, compacts
@@ -391,7 +556,61 @@ mod tests {
         assert_eq!(seen, 1 + 3 * CHUNK);
         for e in more.iter().chain(&entries[..1]) {
             // SAFETY: published, retired once.
-            unsafe { e.retire() };
+            unsafe { e.retire(&table) };
         }
+    }
+
+    #[test]
+    fn a_reference_retired_during_a_walk_waits_for_the_walkers() {
+        let table = ChannelTable::<u64>::new();
+        let v = Arc::new(7u64);
+        let publish = || {
+            let e = table.reserve();
+            // SAFETY: reserved just now; `table` outlives the entry.
+            assert!(unsafe { e.publish_once(&v) });
+            e
+        };
+
+        // No walker: released at once.
+        let e = publish();
+        assert_eq!(Arc::weak_count(&v), 1);
+        // SAFETY: published, retired once.
+        unsafe { e.retire(&table) };
+        assert_eq!(Arc::weak_count(&v), 0);
+        assert_eq!(table.parked_count(), 0);
+
+        // Two walkers announced: parked until the last one leaves.
+        let e = publish();
+        let (w1, w2) = (table.announce(), table.announce());
+        // SAFETY: as above.
+        unsafe { e.retire(&table) };
+        assert_eq!((table.parked_count(), Arc::weak_count(&v)), (1, 1));
+        drop(w1);
+        assert_eq!((table.parked_count(), Arc::weak_count(&v)), (1, 1));
+        drop(w2);
+        assert_eq!((table.parked_count(), Arc::weak_count(&v)), (0, 0));
+
+        // A walker that came after the retire keeps it parked too (the
+        // drain decides under the lock, from the count it sees there),
+        // and the last to leave drains.
+        let e = publish();
+        let w1 = table.announce();
+        // SAFETY: as above.
+        unsafe { e.retire(&table) };
+        let w2 = table.announce();
+        drop(w1);
+        assert_eq!((table.parked_count(), Arc::weak_count(&v)), (1, 1));
+        drop(w2);
+        assert_eq!((table.parked_count(), Arc::weak_count(&v)), (0, 0));
+
+        // A walk itself leaves nothing announced or parked.
+        let e = publish();
+        let mut seen = 0;
+        table.for_each(|c| seen += **c);
+        assert_eq!(seen, 7);
+        assert_eq!(table.walkers.load(Ordering::SeqCst), 0);
+        // SAFETY: as above.
+        unsafe { e.retire(&table) };
+        assert_eq!(Arc::weak_count(&v), 0);
     }
 }
