@@ -1194,6 +1194,14 @@ impl Worker {
         let round = &self.round;
         for (rec, ph0) in snap {
             let reason = rec.watch.cancel_reason();
+            // Who else may be running the callback, read *before* the phase:
+            // a canceller that claimed it before we returned and has not
+            // finished it when we read the phase below was active all along,
+            // so it is counted here. (Read after the phase, a canceller that
+            // finished in between looked like none: a false A1 report under
+            // heavy preemption.)
+            let others = round.active.load(SeqCst);
+            let per_call = rec.cc_active.load(SeqCst) > 0 || deadline_passed(&rec);
             let ph = rec.phase.load(SeqCst);
             if ph & COMPLETING != 0 {
                 continue;
@@ -1208,8 +1216,6 @@ impl Worker {
             if ph0 & REG_OK != 0 && ph & CB_DONE == 0 {
                 // Another canceller claimed the callback and still runs it:
                 // a sweep, a per-call cancel or the timer thread.
-                let others = round.active.load(SeqCst);
-                let per_call = rec.cc_active.load(SeqCst) > 0 || deadline_passed(&rec);
                 round.check(others >= 2 || per_call, || {
                     format!(
                         "A1: {what} returned before the callback of registered call {} ran",
