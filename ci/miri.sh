@@ -99,25 +99,19 @@ tests=(
 t0=$SECONDS
 log=$(mktemp)
 set +e
-# The engine's hand-over tests (`engine::channel::tests`, threads blocked
-# on each other by a hook) run in a process of their own: in the same
-# process as the timer's unit tests, whose deadlines are a few virtual
-# milliseconds, two of those read their deadlines as passed (miri's clock
-# under isolation; reproduced with and without --test-threads=1, and never
-# with either set alone).
-cargo +nightly miri test --no-fail-fast -p callcancel "${tests[@]}" -- "${skips[@]}" \
-  --skip engine::channel::tests 2>&1 | tee "$log"
+# The timer's unit tests arm deadlines a few milliseconds ahead with a
+# margin that grows while `arm` refuses them as past (`arm_within` in
+# src/store/timer.rs): miri's emulated clock jumps ahead when every thread
+# is blocked or asleep, so a fixed 2 ms margin could be gone before `arm`
+# read the clock (seen with the engine's threaded tests in the process,
+# which 01b9080 moved to a second process, and again without them after
+# 4c4c428 changed the schedule). One process again.
+cargo +nightly miri test --no-fail-fast -p callcancel "${tests[@]}" -- "${skips[@]}" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
-log2=$(mktemp)
-cargo +nightly miri test --no-fail-fast -p callcancel --lib -- engine::channel::tests 2>&1 | tee "$log2"
-status2=${PIPESTATUS[0]}
-[ "$status" -eq 0 ] && status=$status2
 set -e
-passed=$(cat "$log" "$log2" | grep -Eo 'test result: ok\. [0-9]+ passed' | awk '{s+=$4} END {print s+0}')
-failed=$(cat "$log" "$log2" | grep -Eo '[0-9]+ failed' | awk '{s+=$1} END {print s+0}')
-# Skipped: the first run's filter (the second one's filters what the first ran).
+passed=$(grep -Eo 'test result: ok\. [0-9]+ passed' "$log" | awk '{s+=$4} END {print s+0}')
+failed=$(grep -Eo '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')
 filtered=$(grep -Eo '[0-9]+ filtered out' "$log" | awk '{s+=$1} END {print s+0}')
-rm -f "$log2"
 grep -E '^stress: ' "$log" || true
 rm -f "$log"
 echo "miri: $passed tests passed, $failed failed, $filtered skipped as too slow; seeds ${MIRI_SEEDS:-default}; $((SECONDS - t0)) s; exit $status"

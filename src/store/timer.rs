@@ -817,6 +817,31 @@ mod tests {
         Duration::from_millis(n)
     }
 
+    /// Arms entry `id` due `margin` from now, doubling the margin while the
+    /// timer refuses the deadline as past (a refused arm arms and logs
+    /// nothing). Natively the first try is taken; under miri the emulated
+    /// clock jumps ahead whenever every thread is blocked or asleep, so a
+    /// fixed few-ms margin may be gone before `arm` reads the clock.
+    fn arm_within(
+        t: &'static Timer<Rec>,
+        id: usize,
+        log: &Log,
+        margin: Duration,
+    ) -> (TimerKey, Instant) {
+        let mut margin = margin;
+        loop {
+            let d = Instant::now() + margin;
+            if let Ok(k) = t.arm(d, rec(id, d, log)) {
+                return (k, d);
+            }
+            margin *= 2;
+            assert!(
+                margin < Duration::from_secs(3600),
+                "entry {id}: every deadline refused as past"
+            );
+        }
+    }
+
     #[test]
     fn slot_bookkeeping_is_24_bytes() {
         assert_eq!(size_of::<Slot<Box<u8>>>(), 32);
@@ -854,19 +879,31 @@ mod tests {
     fn disarm_before_and_after_expiry() {
         let t = leak(Timer::new());
         let log = Log::default();
-        let d = Instant::now() + ms(50);
-        let k = t.arm(d, rec(1, d, &log)).ok().unwrap();
-        assert_eq!(t.pending(), 1);
-        let e = t.disarm(k).expect("still armed");
-        assert_eq!(e.id, 1);
-        assert_eq!(t.disarm(k).map(|e| e.id), None);
+        // Disarmed before its deadline. Should the clock pass the deadline
+        // first (miri's can jump: `arm_within`), the entry must have fired,
+        // never early; then again with a wider margin.
+        let mut margin = ms(50);
+        let d1 = loop {
+            let (k, d) = arm_within(t, 1, &log, margin);
+            if let Some(e) = t.disarm(k) {
+                assert_eq!(e.id, 1);
+                assert_eq!(t.disarm(k).map(|e| e.id), None);
+                break d;
+            }
+            wait_until("entry 1, not disarmed in time", || {
+                !log.lock().unwrap().is_empty()
+            });
+            let fired = log.lock().unwrap().pop().expect("entry 1 fired");
+            assert!(fired.0 == 1 && fired.2 >= fired.1, "fired early: {fired:?}");
+            margin *= 2;
+        };
         assert_eq!(t.pending(), 0);
 
-        let d2 = Instant::now() + ms(5);
-        let k2 = t.arm(d2, rec(2, d2, &log)).ok().unwrap();
+        let (k2, _) = arm_within(t, 2, &log, ms(5));
         wait_until("entry 2", || !log.lock().unwrap().is_empty());
         assert_eq!(t.disarm(k2).map(|e| e.id), None, "already fired");
-        std::thread::sleep(ms(60));
+        // Past entry 1's deadline, with time for the driver to have fired it.
+        std::thread::sleep(d1.saturating_duration_since(Instant::now()) + ms(10));
         let ids: Vec<_> = log.lock().unwrap().iter().map(|r| r.0).collect();
         assert_eq!(ids, vec![2], "the disarmed entry never fires");
     }
@@ -888,8 +925,7 @@ mod tests {
         assert_eq!(t.disarm(a).map(|e| e.id), None);
         assert_eq!(t.pending(), 1);
         // The same after an expiry: the fired entry's key is stale too.
-        let soon = Instant::now() + ms(2);
-        let c = t.arm(soon, rec(3, soon, &log)).ok().unwrap();
+        let (c, _) = arm_within(t, 3, &log, ms(2));
         wait_until("entry 3", || !log.lock().unwrap().is_empty());
         let e = t.arm(d, rec(4, d, &log)).ok().unwrap();
         assert_eq!(t.disarm(c).map(|e| e.id), None);
