@@ -71,6 +71,7 @@ loom reclaim channel_reclaimed_while_abort_sweeps -
 loom reclaim slot_reused_while_fault_sweeps -
 loom reclaim table_walk_vs_last_drop -
 loom reclaim two_table_walks_vs_last_drop 3
+loom reclaim two_drops_vs_table_walk 3
 "
 
 t0=$SECONDS

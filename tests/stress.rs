@@ -1232,6 +1232,9 @@ impl Worker {
     }
 
     fn end_canceller(&self) {
+        // Only after the library call returned (its callbacks are done):
+        // `check_cancelled` counts on a canceller still running a callback
+        // being counted here.
         self.round.active.fetch_sub(1, SeqCst);
     }
 

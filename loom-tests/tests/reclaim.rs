@@ -16,7 +16,8 @@
 //!   (`in_flight()`) while the channel's last handle drops; no walker may
 //!   read a released reference (the shadow check; mutant
 //!   `retire_ignores_walkers`) and, once all have left, nothing may stay
-//!   parked (mutant `retire_no_second_look`).
+//!   parked (mutant `retire_no_second_look`). `two_drops_vs_table_walk`:
+//!   two retirers at once vs one walker, the same two checks.
 //! * `slot_reused_while_fault_sweeps` (generation): a fault sweep holds a
 //!   slot while its call completes and a new call takes the same slot; the
 //!   stale generation must be skipped, and the new call is either refused or
@@ -121,6 +122,27 @@ fn two_table_walks_vs_last_drop() {
         for w in walkers {
             assert_eq!(w.join().unwrap(), 0);
         }
+        assert_eq!(callcancel::loom_parked_table_refs(&host), 0);
+        assert_eq!(host.in_flight(), 0);
+    });
+}
+
+/// Two last drops (two retirers, which may park at once) vs one walk: the
+/// lock orders the two parks, and whichever of the walker leaving and the
+/// retirers' second looks comes last drains both.
+#[test]
+fn two_drops_vs_table_walk() {
+    loom::model(|| {
+        let host = ServiceHost::new();
+        let (a, b) = (host.open_channel().unwrap(), host.open_channel().unwrap());
+        a.begin_call().unwrap().complete();
+        b.begin_call().unwrap().complete();
+        let h = host.clone();
+        let walker = loom::thread::spawn(move || h.in_flight());
+        let dropper = loom::thread::spawn(move || drop(a));
+        drop(b);
+        dropper.join().unwrap();
+        assert_eq!(walker.join().unwrap(), 0);
         assert_eq!(callcancel::loom_parked_table_refs(&host), 0);
         assert_eq!(host.in_flight(), 0);
     });

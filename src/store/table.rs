@@ -49,6 +49,7 @@
 use core::mem::ManuallyDrop;
 use core::ptr::{self, NonNull};
 
+use crate::store::host_core::Padded;
 use crate::sync::{lock, Arc, ArcSwap, AtomicBool, AtomicPtr, AtomicUsize, Mutex, Ordering, Weak};
 
 /// Entries per table chunk.
@@ -236,8 +237,10 @@ pub(crate) struct ChannelTable<T> {
     /// there (and wraps), so opening many channels stays linear overall.
     cursor: AtomicUsize,
     /// Walkers announced (from `announce` to leaving: around an entry's
-    /// load and upgrade, module docs).
-    walkers: AtomicUsize,
+    /// load and upgrade, module docs). On a line of its own: a walk writes
+    /// it twice per live entry, while every connection's first call reads
+    /// `chunks` and `cursor` and every retire reads this.
+    walkers: Padded<AtomicUsize>,
     /// Weak references retired while a walker was announced.
     limbo: Mutex<Vec<Weak<T>>>,
     /// Whether `limbo` may hold something: read by a walker leaving.
@@ -259,7 +262,7 @@ impl<T: Send + Sync + 'static> Drop for Walker<'_, T> {
         // Ordering: SeqCst, the walker's second half of the handshake: our
         // decrement precedes our read of `parked`; a retirer sets `parked`
         // before it reads `walkers` again (module docs).
-        let last = table.walkers.fetch_sub(1, Ordering::SeqCst) == 1;
+        let last = table.walkers.0.fetch_sub(1, Ordering::SeqCst) == 1;
         crate::sync::dekker_fence();
         if last && table.parked.load(Ordering::SeqCst) {
             table.drain();
@@ -272,7 +275,7 @@ impl<T: Send + Sync + 'static> ChannelTable<T> {
         Self {
             chunks: ArcSwap::from_pointee(Vec::new()),
             cursor: AtomicUsize::new(0),
-            walkers: AtomicUsize::new(0),
+            walkers: Padded(AtomicUsize::new(0)),
             limbo: Mutex::new(Vec::new()),
             parked: AtomicBool::new(false),
             #[cfg(loom)]
@@ -283,7 +286,7 @@ impl<T: Send + Sync + 'static> ChannelTable<T> {
     /// Announces a walker until the guard drops.
     fn announce(&self) -> Walker<'_, T> {
         // Ordering: SeqCst: precedes the walker's entry load (module docs).
-        self.walkers.fetch_add(1, Ordering::SeqCst);
+        self.walkers.0.fetch_add(1, Ordering::SeqCst);
         crate::sync::dekker_fence();
         Walker { table: self }
     }
@@ -294,7 +297,7 @@ impl<T: Send + Sync + 'static> ChannelTable<T> {
         crate::sync::dekker_fence();
         // Ordering: SeqCst, after the entry's swap (module docs).
         // Mutant (ci/mutants.sh): release without looking for walkers.
-        if self.walkers.load(Ordering::SeqCst) == 0
+        if self.walkers.0.load(Ordering::SeqCst) == 0
             || cfg!(callcancel_mutant = "retire_ignores_walkers")
         {
             self.drop_weak(weak);
@@ -311,7 +314,7 @@ impl<T: Send + Sync + 'static> ChannelTable<T> {
         // Ordering: SeqCst (module docs).
         // Mutant (ci/mutants.sh): no second look (a parked reference may
         // stay parked after the last walker left).
-        if self.walkers.load(Ordering::SeqCst) == 0
+        if self.walkers.0.load(Ordering::SeqCst) == 0
             && !cfg!(callcancel_mutant = "retire_no_second_look")
         {
             self.drain();
@@ -328,9 +331,13 @@ impl<T: Send + Sync + 'static> ChannelTable<T> {
             // its entry before it was parked (under this lock), so a walker
             // that may hold one was announced then; zero here means all
             // such walkers have left.
-            if self.walkers.load(Ordering::SeqCst) != 0 {
+            if self.walkers.0.load(Ordering::SeqCst) != 0 {
                 return; // the last of them drains when it leaves
             }
+            // Ordering: SeqCst, and under the lock the retirers park under:
+            // a retirer that parks after us sets the flag again (and looks
+            // at `walkers` again); a walker that reads `false` here leaves
+            // nothing behind, since everything parked so far is ours.
             self.parked.store(false, Ordering::SeqCst);
             core::mem::take(&mut *limbo)
         };
@@ -608,7 +615,7 @@ mod tests {
         let mut seen = 0;
         table.for_each(|c| seen += **c);
         assert_eq!(seen, 7);
-        assert_eq!(table.walkers.load(Ordering::SeqCst), 0);
+        assert_eq!(table.walkers.0.load(Ordering::SeqCst), 0);
         // SAFETY: as above.
         unsafe { e.retire(&table) };
         assert_eq!(Arc::weak_count(&v), 0);
